@@ -1,0 +1,165 @@
+"""``params.yaml``: every knob of the pipeline, validated on load.
+
+An unknown or misspelt key, a wrong type or an out-of-range value fails fast with a
+:class:`ParamsError` whose one-line message names the key (``train.stpes: unknown key``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SampleParams(_Section):
+    seed: int = 0
+    n_synthetic: int = Field(4, ge=0, le=10_000)
+    real_photos: bool = True
+    n_frames: int = Field(24, ge=2, le=10_000)
+    size: int = Field(160, ge=32, le=4096)
+    fps: float = Field(12.0, gt=0, le=240)
+
+
+class SourceParams(_Section):
+    kind: Literal["folder", "glob", "manifest"] = "folder"
+    path: str = "data/raw"
+
+
+class IngestParams(_Section):
+    fps: float = Field(12.0, gt=0, le=240)
+    clip_frames: int = Field(12, ge=1)
+    min_clip_frames: int = Field(8, ge=1)
+    max_side: int = Field(1024, ge=64)
+    download_timeout_s: float = Field(30.0, gt=0)
+    download_max_mb: float = Field(500.0, gt=0)
+    download_retries: int = Field(3, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _clip_lengths(self) -> IngestParams:
+        if self.min_clip_frames > self.clip_frames:
+            raise ValueError("min_clip_frames must be <= clip_frames")
+        return self
+
+
+class PreprocessParams(_Section):
+    resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
+    margin: float = Field(0.6, ge=0.0, le=3.0)
+    min_face_size: int = Field(32, ge=8)
+    parser: Literal["landmarks", "bisenet"] = "landmarks"
+    parser_weights: str | None = None
+    trust_ground_truth: bool = True
+    runner: Literal["local", "ray"] = "local"
+    workers: int = Field(2, ge=1, le=4096)
+    retries: int = Field(2, ge=0, le=20)
+
+
+class ShardParams(_Section):
+    max_samples: int = Field(64, ge=1)
+    max_mb: float = Field(256.0, gt=0)
+    val_fraction: float = Field(0.25, ge=0.0, lt=1.0)
+    seed: int = 0
+    crf: int = Field(0, ge=0, le=51)
+
+
+class ModelParams(_Section):
+    profile: Literal["tiny", "sd15"] = "tiny"
+    resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
+    pretrained: str | None = None  # local SD 1.5 folder (unet/, vae/)
+    image_encoder: str | None = None  # local CLIP vision folder
+    motion_module: str | None = None  # local motion-module checkpoint
+
+
+class TrainParams(_Section):
+    stage: Literal[1, 2] = 1
+    steps: int = Field(30, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    batch_size: int = Field(2, ge=1)
+    frames: int = Field(1, ge=1, le=64)
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    log_every: int = Field(5, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, le=4096)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    ray_address: str | None = None
+    max_failures: int = Field(1, ge=0)
+
+
+class EvaluateParams(_Section):
+    num_cases: int = Field(4, ge=1)
+    steps: int = Field(10, ge=1, le=1000)
+    guidance: float = Field(1.0, ge=1.0, le=30.0)
+    seed: int = 0
+
+
+class RegisterParams(_Section):
+    model_name: str = Field("durian", pattern=r"^[A-Za-z0-9_.-]+$")
+    primary_metrics: list[str] = Field(default_factory=lambda: ["psnr_attr", "ssim"])
+    higher_is_better: bool = True
+
+
+# ``register`` is a section name, not ABCMeta.register: silence pydantic's shadowing warning.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Params(_Section):
+    sample: SampleParams = SampleParams()
+    source: SourceParams = SourceParams()
+    ingest: IngestParams = IngestParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    shards: ShardParams = ShardParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register: RegisterParams = RegisterParams()
+
+
+def _one_line(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    else:
+        msg = first["msg"]
+        if "input" in first and first["type"] not in ("missing",):
+            msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    suffix = f" (+{more} more)" if more else ""
+    return f"{origin}: {key}: {msg}{suffix}"
+
+
+def parse_params(data: dict[str, Any] | None, origin: str = "params") -> Params:
+    """Validate a params mapping; raise :class:`ParamsError` with one line naming the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{origin}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_one_line(err, origin)) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_params(data, origin=str(path))

@@ -1,0 +1,1 @@
+"""Data transforms shared by training, evaluation and inference."""

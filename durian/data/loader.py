@@ -1,0 +1,207 @@
+"""Training examples streamed from WebDataset shards.
+
+Each rank (Ray Train worker / torch.distributed process) and each DataLoader worker reads its
+own disjoint share of the data: whole shards when there are at least as many shards as readers,
+otherwise every reader walks all shards and keeps every ``n``-th sample (so a one-shard sample
+pipeline still trains on two workers without duplicates). Epochs repeat forever by default
+(resampling across epochs, shard order and a sample buffer reshuffled per epoch), so ranks never
+run dry at different steps. Everything random derives from ``seed``: same seed, same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from durian.data.clip import decode_clip
+from durian.data.masks import BankExpander, MaskBank, MaskExpander
+from durian.data.pairs import NoAttributeError, PairConfig, collate_examples, make_example, to_torch
+
+log = logging.getLogger(__name__)
+
+ShardSpec = str | Path | Sequence[str | Path]
+
+
+def expand_shards(shards: ShardSpec) -> list[str]:
+    """Shard paths from a list or a brace pattern (``data/shards/train-{000000..000003}.tar``)."""
+    if isinstance(shards, str | Path):
+        return list(wds.shardlists.expand_urls(str(shards)))
+    out: list[str] = []
+    for s in shards:
+        out.extend(wds.shardlists.expand_urls(str(s)))
+    return out
+
+
+def _default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    dist = torch.distributed
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    return rank, world_size
+
+
+def _buffer_shuffle(
+    items: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Generator
+) -> Iterator[dict[str, Any]]:
+    """Yield ``items`` in a random order seen through a buffer of ``bufsize`` raw samples."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buf: list[dict[str, Any]] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= bufsize:
+            i = int(rng.integers(len(buf)))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    for i in rng.permutation(len(buf)):
+        yield buf[int(i)]
+
+
+class ShardExamples(IterableDataset):
+    """An iterable of :func:`durian.data.pairs.to_torch` examples from clip shards."""
+
+    def __init__(
+        self,
+        shards: ShardSpec,
+        pair_config: PairConfig,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        expander: MaskExpander | None = None,
+        shuffle_buffer: int = 16,
+        epochs: int | None = None,
+        examples_per_clip: int = 1,
+        skip_errors: bool = False,
+    ) -> None:
+        super().__init__()
+        self.shards = expand_shards(shards)
+        if not self.shards:
+            raise ValueError(f"no shards in {shards!r}")
+        self.pair_config = pair_config
+        self.rank, self.world_size = _default_rank_world(rank, world_size)
+        self.seed = int(seed)
+        self.expander = expander
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.epochs = epochs
+        self.examples_per_clip = int(examples_per_clip)
+        self.skip_errors = skip_errors
+
+    def _reader(self) -> tuple[int, int]:
+        """(slot, slots): this reader's index among all ranks × dataloader workers."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def raw_samples(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """This reader's raw (undecoded) shard samples for ``epoch``, in shuffled order."""
+        slot, slots = self._reader()
+        by_shard = len(self.shards) >= slots
+        if by_shard:
+            mine = self.shards[slot::slots]
+            order_rng = np.random.default_rng([self.seed, epoch, slot])
+        else:
+            # All readers walk the same shard order, so sample-index striding stays disjoint.
+            mine = list(self.shards)
+            order_rng = np.random.default_rng([self.seed, epoch])
+        mine = [mine[int(i)] for i in order_rng.permutation(len(mine))]
+        samples = wds.tarfile_samples([{"url": url} for url in mine])
+        if not by_shard:
+            samples = (s for i, s in enumerate(samples) if i % slots == slot)
+        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        return _buffer_shuffle(iter(samples), self.shuffle_buffer, rng)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, _ = self._reader()
+        epochs = count() if self.epochs is None else range(self.epochs)
+        for epoch in epochs:
+            rng = np.random.default_rng([self.seed, epoch, slot, 2])
+            produced = 0
+            for sample in self.raw_samples(epoch):
+                key = str(sample.get("__key__", ""))
+                try:
+                    clip = decode_clip(sample)
+                    examples = [
+                        make_example(clip, self.pair_config, rng, self.expander, key)
+                        for _ in range(self.examples_per_clip)
+                    ]
+                except NoAttributeError:
+                    log.debug("skipping %s: no attribute present", key)
+                    continue
+                except Exception:
+                    if not self.skip_errors:
+                        raise
+                    log.warning("skipping sample %s", key, exc_info=True)
+                    continue
+                for example in examples:
+                    produced += 1
+                    yield to_torch(example)
+            if produced == 0 and self.epochs is None:
+                # An endless loop over shards that never yield would hang the trainer silently.
+                raise RuntimeError(
+                    f"reader {slot}: an epoch over {len(self.shards)} shards yielded no example"
+                )
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # each loader worker is one process; avoid oversubscribing the cores
+
+
+def make_loader(
+    shards: ShardSpec,
+    pair_config: PairConfig,
+    batch_size: int,
+    num_workers: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int = 0,
+    mask_bank: MaskBank | str | Path | None = None,
+    *,
+    expander: MaskExpander | None = None,
+    shuffle_buffer: int = 16,
+    epochs: int | None = None,
+    examples_per_clip: int = 1,
+    skip_errors: bool = False,
+) -> DataLoader:
+    """A DataLoader of collated training batches (the model contract of :mod:`durian.data.pairs`).
+
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised (Ray Train).
+    ``mask_bank`` (a :class:`MaskBank` or the path of its ``.npz``) drives mask expansion; with
+    none, expansion is the random dilation only. ``expander`` overrides both (e.g. a generative
+    one). ``epochs=None`` streams forever."""
+    if expander is None:
+        bank = MaskBank.load(mask_bank) if isinstance(mask_bank, str | Path) else mask_bank
+        expander = BankExpander(bank, pair_config.expansion_n_union, pair_config.expansion_dilation)
+    dataset = ShardExamples(
+        shards,
+        pair_config,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        expander=expander,
+        shuffle_buffer=shuffle_buffer,
+        epochs=epochs,
+        examples_per_clip=examples_per_clip,
+        skip_errors=skip_errors,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_examples,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+    )

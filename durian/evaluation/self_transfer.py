@@ -1,0 +1,103 @@
+"""Self-attribute transfer (method note §5): identity and attribute references from one clip
+of a held-out identity, the other frames as ground truth.
+
+The portrait's candidate region is its own attribute region united with the attribute
+reference's mask moved into portrait coordinates (method note §4), as at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from durian.data.attributes import CATEGORIES
+from durian.data.clip import Clip
+from durian.data.keypoints import render_keypoint_sequence
+from durian.data.masks import align_mask, attribute_mask, categories_present
+from durian.evaluation.metrics import region_metrics
+
+
+@dataclass
+class TransferCase:
+    key: str
+    category: str
+    portrait: np.ndarray  # (H, W, 3) uint8
+    portrait_mask: np.ndarray  # (H, W) bool: the candidate transfer region M_port
+    attribute: np.ndarray  # (H, W, 3) uint8
+    attribute_mask: np.ndarray  # (H, W) bool: M_attr
+    keypoints: np.ndarray  # (F, H, W, 3) uint8 rendered driving landmarks
+    target: np.ndarray  # (F, H, W, 3) uint8 ground truth
+    target_attribute_mask: np.ndarray  # (F, H, W) bool: attribute region of each target
+
+
+def self_transfer_case(
+    clip: Clip, key: str, num_frames: int = 4, min_fraction: float = 0.005
+) -> TransferCase | None:
+    """Portrait = first frame, attribute = last frame, targets = frames evenly in between.
+    None when the clip shows no attribute in both reference frames."""
+    t = clip.num_frames
+    if t < 3:
+        return None
+    id_t, attr_t = 0, t - 1
+    shared = set(categories_present(clip.parsing[id_t], min_fraction)) & set(
+        categories_present(clip.parsing[attr_t], min_fraction)
+    )
+    category = next((c for c in CATEGORIES if c in shared), None)
+    if category is None:
+        return None
+    targets = np.unique(np.linspace(1, t - 2, num=min(num_frames, t - 2)).round().astype(int))
+    h, w = clip.frames.shape[1:3]
+    own = attribute_mask(clip.parsing[id_t], category)
+    attr = attribute_mask(clip.parsing[attr_t], category)
+    aligned = align_mask(attr, clip.landmarks[attr_t], clip.landmarks[id_t], (h, w))
+    return TransferCase(
+        key=key,
+        category=category,
+        portrait=clip.frames[id_t],
+        portrait_mask=own | aligned,
+        attribute=clip.frames[attr_t],
+        attribute_mask=attr,
+        keypoints=render_keypoint_sequence(clip.landmarks[targets], (h, w)),
+        target=clip.frames[targets],
+        target_attribute_mask=np.stack(
+            [attribute_mask(clip.parsing[i], category) for i in targets]
+        ),
+    )
+
+
+def _resize(images: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    if images.shape[1:3] == size:
+        return images
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    return np.stack(
+        [cv2.resize(im.astype(np.uint8), (size[1], size[0]), interpolation=interp)
+         for im in images]
+    ).astype(images.dtype)
+
+
+def case_metrics(case: TransferCase, output: np.ndarray) -> dict[str, float]:
+    """Mean over frames of L1/PSNR/SSIM on the whole frame, the attribute region (``_attr``)
+    and the identity region (``_id``, everything else)."""
+    size = output.shape[1:3]
+    target = _resize(case.target, size)
+    masks = _resize(case.target_attribute_mask.astype(np.uint8), size, nearest=True).astype(bool)
+    per_frame = [
+        region_metrics(out, tgt, {"": None, "attr": m, "id": ~m})
+        for out, tgt, m in zip(output, target, masks, strict=True)
+    ]
+    return {k: float(np.nanmean([f[k] for f in per_frame])) for k in per_frame[0]}
+
+
+def preview_row(case: TransferCase, output: np.ndarray) -> np.ndarray:
+    """portrait | attribute | driving | output | target, for the first target frame."""
+    size = output.shape[1:3]
+    tiles = [
+        case.portrait * (~case.portrait_mask[..., None]),
+        case.attribute * case.attribute_mask[..., None],
+        case.keypoints[0],
+        output[0],
+        case.target[0],
+    ]
+    return np.concatenate([_resize(t[None].astype(np.uint8), size)[0] for t in tiles], axis=1)

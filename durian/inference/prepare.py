@@ -1,0 +1,333 @@
+"""User images and driving videos → what :class:`DurianPipeline` takes.
+
+Every image goes through the preprocessing chain as a one-frame clip (``process_clip``): face
+detection, the one-face rule, the square crop of training (same margin and lift) at the model's
+resolution, 478 landmarks in crop pixels and a label map. Then (method note §4):
+
+* attribute mask ``M_attr``: the attribute image's own region of its category;
+* portrait mask ``M_port = M_port_init ∪ ⋃_k align(M_attr_k)``: the portrait's own region of
+  each transferred category, unioned with every attribute mask moved into portrait coordinates
+  by the landmark similarity (``align_mask``), slightly dilated as in training.
+
+An image may carry exact labels in a sidecar ``<image>.gt.npz`` (``landmarks`` (478, 3) and
+``parsing`` (H, W) in image pixels, the convention of synthetic videos): then no detector or
+parser runs. This is how attributes the offline parser cannot see (glasses, hats, beards) are
+used without a trained parser.
+
+Every problem with the inputs raises :class:`DurianInputError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import PIL.Image
+
+from durian.config import PreprocessParams
+from durian.data.attributes import CATEGORIES, check_category
+from durian.data.masks import align_mask, attribute_mask, categories_present, dilate_mask
+from durian.inference.errors import DurianInputError
+
+ImageSource = str | os.PathLike | np.ndarray | PIL.Image.Image
+
+_DEFAULTS = PreprocessParams()
+MIN_FRACTION = 0.005  # an attribute covering less of the crop than this is "not found"
+# What the offline landmark parser can label; the others need exact labels or trained weights.
+LANDMARK_PARSER_SEES = frozenset({"hair"})
+
+
+@dataclass
+class PreparedFace:
+    """One face, cropped and aligned at the model resolution."""
+
+    image: np.ndarray  # (S, S, 3) uint8 crop
+    landmarks: np.ndarray  # (478, 3) float32, crop pixels
+    parsing: np.ndarray  # (S, S) uint8 label map
+    name: str  # how messages refer to it ("portrait 'me.jpg'")
+
+
+@dataclass
+class PreparedAttribute:
+    face: PreparedFace
+    category: str
+    mask: np.ndarray  # (S, S) bool, M_attr in the attribute image's own crop
+
+
+@dataclass
+class DrivingVideo:
+    landmarks: np.ndarray  # (T, 478, 3) float32, driving frame pixels
+    crops: np.ndarray  # (T, S, S, 3) uint8: the driver's face, for side-by-side output
+    fps: float
+
+
+def describe(source: ImageSource, role: str) -> str:
+    """``role 'file.png'`` for files, ``role`` for in-memory images."""
+    if isinstance(source, str | os.PathLike):
+        return f"{role} '{Path(source).name}'"
+    return role
+
+
+def read_image(source: ImageSource, role: str = "image") -> np.ndarray:
+    """An image file / array / PIL image → (H, W, 3) uint8 RGB (alpha dropped, EXIF-upright)."""
+    if isinstance(source, PIL.Image.Image):
+        return np.asarray(source.convert("RGB"))
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or min(arr.shape[:2]) < 1:
+            raise DurianInputError(f"cannot read {role}: expected an H×W×3 image, got {arr.shape}")
+        if arr.dtype != np.uint8:
+            scale = 255.0 if arr.dtype.kind == "f" and arr.max() <= 1.0 else 1.0
+            arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
+        return np.ascontiguousarray(arr[..., :3])
+    path = Path(source)
+    if not path.is_file():
+        raise DurianInputError(f"cannot read {describe(source, role)}: file not found ({path})")
+    try:
+        with PIL.Image.open(path) as im:
+            from PIL import ImageOps
+
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (PIL.UnidentifiedImageError, OSError, ValueError) as err:
+        raise DurianInputError(
+            f"cannot read {describe(source, role)}: not a readable image ({type(err).__name__})"
+        ) from None
+
+
+def read_ground_truth(source: ImageSource, shape: tuple[int, int]) -> dict[str, np.ndarray] | None:
+    """Exact labels from ``<image>.gt.npz`` next to an image file, or None."""
+    if not isinstance(source, str | os.PathLike):
+        return None
+    sidecar = Path(source).with_suffix(".gt.npz")
+    if not sidecar.is_file():
+        return None
+    with np.load(sidecar) as gt:
+        landmarks = np.asarray(gt["landmarks"], np.float32).reshape(1, 478, -1)
+        parsing = np.asarray(gt["parsing"]).reshape(1, *gt["parsing"].shape[-2:])
+    if parsing.shape[1:] != tuple(shape):
+        raise DurianInputError(
+            f"labels {sidecar.name} are {parsing.shape[1:]} but the image is {tuple(shape)}"
+        )
+    if landmarks.shape[-1] == 2:
+        landmarks = np.concatenate([landmarks, np.zeros_like(landmarks[..., :1])], axis=-1)
+    return {"landmarks": landmarks, "parsing": parsing.astype(np.uint8)}
+
+
+def parse_attribute_spec(spec: str) -> tuple[str, str | None]:
+    """``IMG[:category]`` → (image path, category or None). A colon is a category separator
+    only if what follows names no path (so ``C:/x.png`` and ``a:b.png`` stay paths); the
+    category, if any, must be a known one."""
+    path, sep, category = spec.rpartition(":")
+    if not sep or not path or "/" in category or "\\" in category or "." in category:
+        return spec, None
+    if not category:
+        raise DurianInputError(f"empty attribute category in {spec!r} (use IMG or IMG:category)")
+    return path, check_attribute_category(category, path)
+
+
+def check_attribute_category(category: str, image: ImageSource = "") -> str:
+    try:
+        return check_category(category.strip().lower())
+    except ValueError:
+        where = f" for {describe(image, 'attribute')}" if image != "" else ""
+        raise DurianInputError(
+            f"unknown attribute category {category!r}{where} (known: {', '.join(CATEGORIES)})"
+        ) from None
+
+
+def check_alpha(alpha: float | None, alpha_ramp: bool, num_attributes: int) -> None:
+    """Interpolation takes exactly two attributes and one of: alpha in [0, 1], or a ramp."""
+    if alpha is not None and alpha_ramp:
+        raise DurianInputError("give either alpha or an alpha ramp, not both")
+    if alpha is None and not alpha_ramp:
+        return
+    what = f"alpha={alpha}" if alpha is not None else "an alpha ramp"
+    if num_attributes != 2:
+        raise DurianInputError(
+            f"{what} interpolates between exactly 2 attributes, got {num_attributes}"
+        )
+    if alpha is not None and not (np.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise DurianInputError(f"alpha must be between 0 and 1, got {alpha}")
+
+
+class Preparer:
+    """Detects, crops, aligns and parses faces at ``size`` with the training crop rule.
+
+    The face analyzer and parser are created on first use and closed by :meth:`close` (or the
+    ``with`` block). ``parser``: a parser name for ``preprocessing.parsing.load_parser`` or a
+    parser object."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        margin: float = _DEFAULTS.margin,
+        min_face_size: float = _DEFAULTS.min_face_size,
+        parser: Any = "landmarks",
+        parser_weights: str | os.PathLike | None = None,
+        max_side: int = 1536,
+    ) -> None:
+        self.size = int(size)
+        self.margin = float(margin)
+        self.min_face_size = float(min_face_size)
+        self.max_side = int(max_side)
+        self._parser_spec = parser
+        self._parser_weights = parser_weights
+        self._parser: Any = None
+        self._analyzer: Any = None
+
+    def __enter__(self) -> Preparer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for obj in (self._analyzer, self._parser):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()
+        self._analyzer = None
+        self._parser = None
+
+    @property
+    def analyzer(self) -> Any:
+        if self._analyzer is None:
+            from preprocessing.faces import FaceAnalyzer
+
+            self._analyzer = FaceAnalyzer()
+        return self._analyzer
+
+    @property
+    def parser(self) -> Any:
+        if self._parser is None:
+            if isinstance(self._parser_spec, str):
+                from preprocessing.parsing import load_parser
+
+                self._parser = load_parser(self._parser_spec, self._parser_weights)
+            else:
+                self._parser = self._parser_spec
+        return self._parser
+
+    def _sees(self, category: str) -> bool:
+        if getattr(self.parser, "name", "") == "landmarks":
+            return category in LANDMARK_PARSER_SEES
+        return True
+
+    def face(self, source: ImageSource, role: str = "portrait") -> PreparedFace:
+        """One still with one face → :class:`PreparedFace` (raises DurianInputError)."""
+        from preprocessing.faces import ClipRejected
+        from preprocessing.process import process_clip
+
+        name = describe(source, role)
+        image = read_image(source, name)
+        gt = read_ground_truth(source, image.shape[:2])
+        if gt is None and max(image.shape[:2]) > self.max_side:
+            # Very large photos: detection cost grows with pixels, the crop is tiny anyway.
+            f = self.max_side / max(image.shape[:2])
+            image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+        try:
+            clip = process_clip(
+                image[None],
+                fps=1.0,
+                size=self.size,
+                margin=self.margin,
+                min_face_size=self.min_face_size,
+                parser=None if gt is not None else self.parser,
+                analyzer=None if gt is not None else self.analyzer,
+                ground_truth=gt,
+                smooth_window=1,
+            )
+        except ClipRejected as err:
+            raise face_error(err, name) from None
+        return PreparedFace(clip.frames[0], clip.landmarks[0], clip.parsing[0], name)
+
+    def attribute(
+        self, source: ImageSource, category: str | None, role: str = "attribute"
+    ) -> PreparedAttribute:
+        """An attribute image and its category (None: the one the parser finds most of)."""
+        if category is not None:
+            category = check_attribute_category(category, source)
+        face = self.face(source, role)
+        present = categories_present(face.parsing, MIN_FRACTION)
+        if category is None:
+            if not present:
+                raise DurianInputError(
+                    f"no attribute found in its image {face.name} (looked for: "
+                    f"{', '.join(CATEGORIES)}); name one as IMG:category"
+                )
+            fractions = [float(attribute_mask(face.parsing, c).mean()) for c in present]
+            category = present[int(np.argmax(fractions))]
+        elif category not in present:
+            found = ", ".join(present) or "none"
+            hint = ""
+            if not self._sees(category):
+                hint = (
+                    f"; the offline landmark parser cannot see {category}: give the image exact "
+                    "labels (<image>.gt.npz) or use a trained parser"
+                )
+            raise DurianInputError(
+                f"attribute '{category}' not found in its image {face.name} (found: {found}){hint}"
+            )
+        return PreparedAttribute(face, category, attribute_mask(face.parsing, category))
+
+    def driving_video(
+        self, path: str | os.PathLike, max_frames: int | None = None, max_side: int = 640
+    ) -> DrivingVideo:
+        """The driver's face track in a video (first ``max_frames`` frames)."""
+        from preprocessing.faces import ClipRejected, crop_boxes, crop_frames, select_track
+        from preprocessing.video import VideoError, probe_video, read_frames
+
+        name = f"driving video '{Path(path).name}'"
+        try:
+            info = probe_video(path)
+            frames, _ = read_frames(path, count=max_frames, max_side=max_side)
+        except VideoError as err:
+            reason = getattr(err, "reason", "unreadable").replace("_", " ")
+            raise DurianInputError(f"cannot read {name}: {reason}") from None
+        if len(frames) == 0:
+            raise DurianInputError(f"cannot read {name}: no frames")
+        fps = info.fps if np.isfinite(info.fps) and info.fps > 0 else 25.0
+        scale = max(info.width, info.height) / max(frames.shape[1:3])
+        try:
+            per_frame = self.analyzer.landmarks(frames, fps)
+            # Size rule in the video's own pixels, not the downscaled decode.
+            track = select_track(per_frame, self.min_face_size / max(scale, 1.0))
+        except ClipRejected as err:
+            raise face_error(err, name) from None
+        boxes = crop_boxes(track, margin=self.margin)
+        return DrivingVideo(track, crop_frames(frames, boxes, self.size), float(fps))
+
+
+def face_error(err: Exception, name: str) -> DurianInputError:
+    """A one-line message for a face rejection (``ClipRejected``) of ``name``."""
+    reason = getattr(err, "reason", "")
+    detail = getattr(err, "detail", "") or str(err)
+    if reason == "no_face":
+        return DurianInputError(f"no face found in the {name}")
+    if reason == "multiple_faces":
+        return DurianInputError(f"several faces in the {name}: use one with a single person")
+    if reason == "face_too_small":
+        return DurianInputError(
+            f"the face in the {name} is too small ({detail}): use a larger or closer view"
+        )
+    return DurianInputError(f"{name}: {detail}")
+
+
+def portrait_mask(
+    portrait: PreparedFace, attributes: list[PreparedAttribute], dilation: float = 0.015
+) -> np.ndarray:
+    """``M_port``: the portrait's own region of every transferred category ∪ each attribute's
+    mask aligned into portrait coordinates, dilated by ``dilation`` × side (training's mean)."""
+    shape = portrait.parsing.shape
+    mask = np.zeros(shape, bool)
+    for attr in attributes:
+        mask |= attribute_mask(portrait.parsing, attr.category)
+        mask |= align_mask(attr.mask, attr.face.landmarks, portrait.landmarks, shape)
+    return dilate_mask(mask, int(round(dilation * max(shape))))

@@ -1,0 +1,452 @@
+"""The Durian network: ARNet, PRNet, DNet with dual reference fusion, keypoint guider, temporal
+module, encoders and the latent space, as one diffusers ``ModelMixin`` / ``ConfigMixin``.
+
+API (what the trainer and the pipeline call)::
+
+    model = DurianModel.from_profile("tiny", resolution=64)  # = profiles.build_model("tiny", …)
+    model.set_stage(1)                                        # 1: images; 2: temporal module only
+    params = model.trainable_parameters(1)
+    refs = model.encode_references(identity_ref, identity_mask, attribute_ref, attribute_mask)
+    kp = model.encode_keypoints(keypoints)                     # (B·F, 3, H, W) in [0, 1]
+    eps = model.denoise(noisy, t, refs, kp, num_frames=F, drop_identity=…, drop_attribute=…)
+    eps = model(noisy, t, identity_ref=…, …)                   # the three calls above in one
+    model.save_pretrained(dir); DurianModel.from_pretrained(dir)   # safetensors + config.json
+
+Shapes: images are (B, 3, H, W) in [-1, 1] (references already masked), masks (B, 1, H, W) with
+1 = the masked region; frames are flattened batch-major to B·F. ``attribute_ref`` may be
+(B, 3, H, W) (one attribute), (B, N, 3, H, W) (composition of N attributes, one pass), or a list of
+two such tensors (interpolation branches, blended by ``alpha`` in ``denoise``).
+
+Latent space: with a VAE config, the SD ``AutoencoderKL`` (frozen, ``scaling_factor`` applied);
+without one (tiny profile) **pixel space**: the "latent" is the image in [-1, 1] rearranged by
+``pixel_unshuffle(pixel_downscale)`` — lossless and untrained, it only keeps token counts small
+(64 px → 48 × 16 × 16). No pretrained VAE exists offline, so this is the honest choice.
+
+Reference nets run at timestep 0 and once per generation; only their recorded self-attention
+inputs are used (their U-Net output is discarded). Reference mask channel: the mask, resized to
+the latent size by area averaging, concatenated after the latent (``in_channels`` = latent + 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import nn
+
+from durian.models.attention import (
+    DualReferenceAttnProcessor,
+    FusionState,
+    ReferenceWriteProcessor,
+    self_attention_names,
+)
+from durian.models.encoders import IdentityProjector, ImageEmbedder
+from durian.models.keypoint_guider import ConvInResidualHook, KeypointGuider
+from durian.models.temporal import (
+    TemporalHooks,
+    build_temporal_module,
+    load_temporal_weights,
+    temporal_module_config,
+)
+
+# Parameters of a reference net that never receive a gradient, or that [base] freezes: nothing
+# after the last recorded self-attention input is used (Moore-AnimateAnyone freezes up_blocks.3).
+_REFERENCE_FROZEN_PREFIXES = ("conv_norm_out.", "conv_out.")
+
+
+@dataclass
+class References:
+    """Reference features of one generation (batch B), computed once and reused.
+
+    ``portrait``: processor name → (B, L, C) PRNet self-attention inputs.
+    ``attributes``: one dict per branch, name → (B, N·L, C) ARNet inputs (N attributes
+    concatenated along the token axis).
+    ``attribute_embeddings``: one (B, N·T, C) cross-attention tensor per branch (``φ_attr``).
+    """
+
+    portrait: dict[str, torch.Tensor]
+    attributes: list[dict[str, torch.Tensor]]
+    attribute_embeddings: list[torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.attribute_embeddings[0].shape[0])
+
+    def repeat(self, n: int) -> References:
+        """Batch repeated n times (e.g. [unconditional; conditional] for CFG)."""
+
+        def rep(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x] * n)
+
+        return References(
+            portrait={k: rep(v) for k, v in self.portrait.items()},
+            attributes=[{k: rep(v) for k, v in a.items()} for a in self.attributes],
+            attribute_embeddings=[rep(e) for e in self.attribute_embeddings],
+        )
+
+
+def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _as_branches(x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """Attribute input → list of (B, N, C, H, W) branches."""
+    branches = x if isinstance(x, list | tuple) else [x]
+    return [b[:, None] if b.ndim == 4 else b for b in branches]
+
+
+def _per_frame(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    return x if num_frames == 1 else x.repeat_interleave(num_frames, dim=0)
+
+
+class DurianModel(ModelMixin, ConfigMixin):
+    """See the module docstring. Built from configs only; profiles fill them in."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        image_encoder_config: dict[str, Any],
+        resolution: int = 64,
+        vae_config: dict[str, Any] | None = None,
+        pixel_downscale: int = 4,
+        identity_embed_dim: int | None = None,
+        identity_tokens: int = 4,
+        keypoint_guider_channels: tuple[int, ...] = (16, 32, 96, 256),
+        train_image_encoder: bool = False,
+        temporal_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        unet_cfg = _clean_config(unet_config)
+        if vae_config is not None:
+            self.vae = AutoencoderKL.from_config(_clean_config(vae_config))
+            self.vae.requires_grad_(False)
+            latent_channels = self.vae.config.latent_channels
+            downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        else:
+            self.vae = None
+            latent_channels, downscale = 3 * pixel_downscale**2, pixel_downscale
+        self.latent_channels, self.latent_downscale = latent_channels, downscale
+        if unet_cfg["in_channels"] != latent_channels:
+            raise ValueError(
+                f"unet in_channels {unet_cfg['in_channels']} != latent channels {latent_channels}"
+            )
+        cross_dim = unet_cfg["cross_attention_dim"]
+        self.dnet = UNet2DConditionModel.from_config(unet_cfg)
+        reference_cfg = {**unet_cfg, "in_channels": latent_channels + 1}  # + mask channel
+        self.arnet = UNet2DConditionModel.from_config(reference_cfg)
+        self.prnet = UNet2DConditionModel.from_config(reference_cfg)
+        self.image_encoder = ImageEmbedder(image_encoder_config, cross_dim)
+        self.identity_projector = IdentityProjector(
+            identity_embed_dim or self.image_encoder.embed_dim, cross_dim, identity_tokens
+        )
+        self.keypoint_guider = KeypointGuider(
+            unet_cfg["block_out_channels"][0], tuple(keypoint_guider_channels)
+        )
+        if self.keypoint_guider.downscale != downscale:
+            raise ValueError(
+                f"keypoint guider downscales {self.keypoint_guider.downscale}x but the latent "
+                f"space {downscale}x: use {int(torch.log2(torch.tensor(downscale))) + 1} widths"
+            )
+        self.temporal = build_temporal_module(temporal_config) if temporal_config else None
+        self._install_processors()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """ModelMixin's loader, then every tensor copied into its own allocation: safetensors
+        tensors are views at arbitrary file offsets and BLAS picks other kernels for unaligned
+        data, which would make a reloaded model differ from the saved one in the last bits."""
+        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                t.data = t.data.clone()
+        return model
+
+    @classmethod
+    def from_profile(cls, profile: str, **overrides: Any) -> DurianModel:
+        """``tiny`` or ``sd15`` (see :mod:`durian.models.profiles`)."""
+        from durian.models.profiles import build_model
+
+        return build_model(profile, **overrides)
+
+    def _install_processors(self) -> None:
+        self._bank: dict[str, torch.Tensor] = {}
+        self.fusion = FusionState()
+        names = list(self.dnet.attn_processors)
+        self.reference_names = self_attention_names(names)
+        for net in (self.arnet, self.prnet):
+            if list(net.attn_processors) != names:
+                raise ValueError("reference nets and DNet must share one structure")
+            net.set_attn_processor(
+                {
+                    n: ReferenceWriteProcessor(self._bank, n)
+                    if n in self.reference_names
+                    else AttnProcessor2_0()
+                    for n in names
+                }
+            )
+        self.dnet.set_attn_processor(
+            {
+                n: DualReferenceAttnProcessor(self.fusion, n)
+                if n in self.reference_names
+                else AttnProcessor2_0()
+                for n in names
+            }
+        )
+        self._keypoint_hook = ConvInResidualHook()
+        self._keypoint_hook.register(self.dnet.conv_in)
+        self._temporal_hooks = (
+            TemporalHooks(self.dnet, self.temporal) if self.temporal is not None else None
+        )
+        if self._temporal_hooks is not None:
+            self._temporal_hooks.enabled = True  # a saved stage-2 model animates on load
+
+    def add_temporal_module(
+        self,
+        config: dict[str, Any] | None = None,
+        checkpoint: str | os.PathLike | None = None,
+    ) -> None:
+        """Insert (or replace) the temporal module; optionally load a motion-module checkpoint."""
+        unet_cfg = _clean_config(self.config.unet_config)
+        if config is None:
+            c0 = unet_cfg["block_out_channels"][0]
+            config = temporal_module_config(unet_cfg, num_attention_heads=min(8, max(1, c0 // 8)))
+        module = build_temporal_module(config)
+        if checkpoint is not None:
+            load_temporal_weights(module, checkpoint)
+        if self._temporal_hooks is not None:
+            self._temporal_hooks.remove()
+        # nn.Module.to: ModelMixin.to warns about fp32-kept modules the adapter does not have.
+        self.temporal = nn.Module.to(module, device=self.device, dtype=self.dtype)
+        self.register_to_config(temporal_config=dict(config))
+        self._temporal_hooks = TemporalHooks(self.dnet, self.temporal)
+        self._temporal_hooks.enabled = True
+
+    @property
+    def temporal_enabled(self) -> bool:
+        return self._temporal_hooks is not None and self._temporal_hooks.enabled
+
+    # ------------------------------------------------------------------ training stages
+    def _reference_trainable(self, net: nn.Module) -> list[nn.Parameter]:
+        last_up = f"up_blocks.{len(net.up_blocks) - 1}."
+        frozen = (*_REFERENCE_FROZEN_PREFIXES, last_up)
+        return [p for n, p in net.named_parameters() if not n.startswith(frozen)]
+
+    def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
+        """Stage 1: ARNet, PRNet (less their unused tail), DNet, keypoint guider, encoders'
+        trainable parts. Stage 2: the temporal module only."""
+        if stage == 1:
+            params = self._reference_trainable(self.arnet) + self._reference_trainable(self.prnet)
+            params += list(self.dnet.parameters()) + list(self.keypoint_guider.parameters())
+            params += list(self.identity_projector.parameters())
+            params += list(self.image_encoder.proj.parameters())
+            if self.config.train_image_encoder:
+                params += list(self.image_encoder.clip.parameters())
+            return params
+        if stage == 2:
+            if self.temporal is None:
+                raise ValueError("stage 2 needs a temporal module: call set_stage(2) first")
+            return list(self.temporal.parameters())
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+
+    def set_stage(self, stage: int) -> None:
+        """Freeze everything but the stage's parameters; stage 2 inserts the temporal module
+        (zero-initialised) when absent, stage 1 bypasses it."""
+        if stage == 2 and self.temporal is None:
+            self.add_temporal_module()
+        self.requires_grad_(False)
+        for p in self.trainable_parameters(stage):
+            p.requires_grad_(True)
+        if self._temporal_hooks is not None:
+            self._temporal_hooks.enabled = stage == 2
+
+    def enable_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
+        for net in (self.arnet, self.prnet, self.dnet):
+            net.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        for net in (self.arnet, self.prnet, self.dnet):
+            net.disable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ latent space
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] → latents (N, C, H/d, W/d)."""
+        if self.vae is None:
+            return F.pixel_unshuffle(images, self.latent_downscale)
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return z * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [-1, 1] (not clamped)."""
+        if self.vae is None:
+            return F.pixel_shuffle(latents, self.latent_downscale)
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(z).sample
+
+    def _reference_input(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        latents = self.encode_images(images)
+        m = F.interpolate(masks.to(latents.dtype), size=latents.shape[-2:], mode="area")
+        return torch.cat([latents, m], dim=1)
+
+    # ------------------------------------------------------------------ references (once)
+    def _run_reference_net(
+        self, net: UNet2DConditionModel, inputs: torch.Tensor, context: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        self._bank.clear()
+        t = torch.zeros(inputs.shape[0], device=inputs.device, dtype=torch.long)
+        net(inputs, t, encoder_hidden_states=context, return_dict=False)  # output unused
+        feats = dict(self._bank)
+        self._bank.clear()
+        missing = set(self.reference_names) - set(feats)
+        if missing:
+            raise RuntimeError(f"reference net wrote no features for {sorted(missing)[:3]}")
+        return feats
+
+    def encode_references(
+        self,
+        identity_ref: torch.Tensor,
+        identity_mask: torch.Tensor,
+        attribute_ref: torch.Tensor | list[torch.Tensor],
+        attribute_mask: torch.Tensor | list[torch.Tensor],
+        identity_embedding: torch.Tensor | None = None,
+    ) -> References:
+        """One PRNet and one ARNet call for every attribute image of every branch."""
+        images, masks = _as_branches(attribute_ref), _as_branches(attribute_mask)
+        b = identity_ref.shape[0]
+        sizes = [x.shape[1] for x in images]
+        flat_images = torch.cat([x.flatten(0, 1) for x in images])  # (b, n) batch-major
+        flat_masks = torch.cat([m.flatten(0, 1) for m in masks])
+        attr_tokens = self.image_encoder(flat_images)  # CLIP sees the masked attribute
+        feats = self._run_reference_net(
+            self.arnet, self._reference_input(flat_images, flat_masks), attr_tokens
+        )
+        attributes, embeddings, start = [], [], 0
+        for n in sizes:
+            sl = slice(start, start + b * n)
+            attributes.append({k: v[sl].reshape(b, -1, v.shape[-1]) for k, v in feats.items()})
+            embeddings.append(attr_tokens[sl].reshape(b, -1, attr_tokens.shape[-1]))
+            start += b * n
+
+        if identity_embedding is None:
+            identity_embedding = self.image_encoder.embed(identity_ref)
+        id_tokens = self.identity_projector(identity_embedding.to(self.dtype))
+        portrait = self._run_reference_net(
+            self.prnet, self._reference_input(identity_ref, identity_mask), id_tokens
+        )
+        return References(portrait, attributes, embeddings)
+
+    def encode_keypoints(self, keypoints: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) rendered landmarks in [0, 1] → features added after DNet's conv_in."""
+        return self.keypoint_guider(keypoints.to(self.dtype))
+
+    # ------------------------------------------------------------------ denoising
+    def denoise(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int,
+        references: References,
+        keypoint_features: torch.Tensor | None = None,
+        num_frames: int = 1,
+        drop_identity: torch.Tensor | None = None,
+        drop_attribute: torch.Tensor | None = None,
+        alpha: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """DNet prediction for (B·F, C, h, w) latents.
+
+        ``drop_identity`` / ``drop_attribute``: (B,) bool; a dropped stream's tokens are absent
+        from that sample's self-attention (and a dropped attribute zeroes its ``φ_attr``).
+        ``alpha``: interpolation weight of the second attribute branch, scalar or (B·F,).
+        """
+        bf = sample.shape[0]
+        if bf % num_frames or bf // num_frames != references.batch_size:
+            raise ValueError(
+                f"sample batch {bf} is not references batch {references.batch_size} × {num_frames}"
+            )
+        device = sample.device
+        n_branches = len(references.attributes)
+        alpha_t = None
+        if n_branches == 2:
+            if alpha is None:
+                raise ValueError("two attribute branches need alpha")
+            alpha_t = torch.as_tensor(alpha, device=device, dtype=sample.dtype)
+            alpha_t = alpha_t.expand(bf) if alpha_t.ndim == 0 else alpha_t
+            if alpha_t.shape != (bf,):
+                raise ValueError(f"alpha must be a scalar or have {bf} entries")
+        elif n_branches != 1:
+            raise ValueError("one attribute branch, or two for interpolation")
+
+        # Cross-attention context φ_attr per frame (interpolated like the attention outputs).
+        embs = [_per_frame(e, num_frames) for e in references.attribute_embeddings]
+        if alpha_t is not None:
+            if embs[0].shape != embs[1].shape:
+                raise ValueError("interpolated branches need the same number of attributes")
+            a = alpha_t[:, None, None]
+            context = (1 - a) * embs[0] + a * embs[1]
+        else:
+            context = embs[0]
+        keep_attribute = None if drop_attribute is None else ~drop_attribute.to(device, torch.bool)
+        keep_identity = None if drop_identity is None else ~drop_identity.to(device, torch.bool)
+        if keep_attribute is not None:  # unconditional attribute: zero embedding
+            context = context * _per_frame(keep_attribute, num_frames)[:, None, None].to(context)
+
+        self.fusion.num_frames = num_frames
+        self.fusion.portrait = references.portrait
+        self.fusion.attributes = references.attributes
+        self.fusion.keep_identity = keep_identity
+        self.fusion.keep_attribute = keep_attribute
+        self.fusion.alpha = alpha_t
+        self._keypoint_hook.residual = keypoint_features
+        if self._temporal_hooks is not None:
+            self._temporal_hooks.num_frames = num_frames
+        t = torch.as_tensor(timestep, device=device)
+        t = t.expand(bf) if t.ndim == 0 else t
+        if t.shape[0] != bf:
+            t = _per_frame(t, num_frames)
+        return self.dnet(sample, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    def release(self) -> None:
+        """Drop the references and keypoint features held for the readers (frees memory)."""
+        self.fusion.clear()
+        self._keypoint_hook.residual = None
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        identity_ref: torch.Tensor,
+        identity_mask: torch.Tensor,
+        attribute_ref: torch.Tensor | list[torch.Tensor],
+        attribute_mask: torch.Tensor | list[torch.Tensor],
+        keypoints: torch.Tensor,
+        num_frames: int = 1,
+        drop_identity: torch.Tensor | None = None,
+        drop_attribute: torch.Tensor | None = None,
+        identity_embedding: torch.Tensor | None = None,
+        alpha: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Training path: references, keypoint features and DNet in one call."""
+        refs = self.encode_references(
+            identity_ref, identity_mask, attribute_ref, attribute_mask, identity_embedding
+        )
+        return self.denoise(
+            sample,
+            timestep,
+            refs,
+            self.encode_keypoints(keypoints),
+            num_frames=num_frames,
+            drop_identity=drop_identity,
+            drop_attribute=drop_attribute,
+            alpha=alpha,
+        )

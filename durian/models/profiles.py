@@ -1,0 +1,216 @@
+"""Model profiles and the noise scheduler.
+
+* ``tiny``: the same classes with small channels for CPU (tests, the sample pipeline): pixel
+  space with a 4× pixel-unshuffle (no pretrained VAE offline), U-Nets (32, 64), a 2-layer CLIP
+  vision config trained with the rest, keypoint guider (8, 16, 32). ~3 M parameters.
+* ``sd15``: the SD 1.5 shape for ARNet, PRNet and DNet, the SD VAE, a CLIP ViT-L/14 image
+  encoder, AnimateDiff-v2-shaped temporal module. :func:`load_sd15` fills them from local
+  folders; ``build_model("sd15")`` gives the shape with random weights (benchmarks).
+
+API::
+
+    build_model(profile: str, **overrides) -> DurianModel
+    load_sd15(pretrained_model_path, image_encoder_path=None, motion_module_path=None,
+              resolution=512, **overrides) -> DurianModel
+    load_unet_weights(target: UNet2DConditionModel, state_dict) -> None   # widens conv_in
+    make_noise_scheduler(kind="ddpm" | "ddim", **overrides) -> DDPMScheduler | DDIMScheduler
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPVisionModelWithProjection
+
+from durian.models.durian_model import DurianModel
+from durian.models.encoders import clip_config_dict
+
+# SD 1.5 (and SD image-variations) U-Net / VAE / scheduler shapes, as in their config.json files.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+}
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+# CLIP ViT-L/14 vision tower with projection (what SD image-variations conditions on).
+CLIP_VIT_L14_CONFIG: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "projection_dim": 768,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def tiny_config(resolution: int = 64, pixel_downscale: int = 4) -> dict[str, Any]:
+    latent = resolution // pixel_downscale
+    channels = 3 * pixel_downscale**2
+    unet = {
+        "sample_size": latent,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "cross_attention_dim": 64,
+        "attention_head_dim": 4,  # SD's legacy name: 4 heads
+        "norm_num_groups": 8,
+    }
+    clip = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "projection_dim": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_channels": 3,
+        "image_size": resolution,
+        "patch_size": max(8, resolution // 4),
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    }
+    steps = pixel_downscale.bit_length() - 1  # one stride-2 step per factor 2 of the latent
+    guider = [8 * 2**i for i in range(steps + 1)]
+    return {
+        "unet_config": unet,
+        "image_encoder_config": clip,
+        "resolution": resolution,
+        "vae_config": None,
+        "pixel_downscale": pixel_downscale,
+        "identity_tokens": 2,
+        "keypoint_guider_channels": guider,
+        "train_image_encoder": True,
+    }
+
+
+def sd15_config(resolution: int = 512) -> dict[str, Any]:
+    return {
+        "unet_config": {**SD15_UNET_CONFIG, "sample_size": resolution // 8},
+        "image_encoder_config": dict(CLIP_VIT_L14_CONFIG),
+        "resolution": resolution,
+        "vae_config": dict(SD15_VAE_CONFIG),
+        "identity_tokens": 4,
+        "keypoint_guider_channels": [16, 32, 96, 256],
+        "train_image_encoder": False,
+    }
+
+
+def build_model(profile: str, **overrides: Any) -> DurianModel:
+    """A randomly initialised model of a profile; ``overrides`` replace config entries.
+
+    ``resolution`` (and for tiny ``pixel_downscale``) are read first to size the profile.
+    """
+    if profile == "tiny":
+        cfg = tiny_config(overrides.pop("resolution", 64), overrides.pop("pixel_downscale", 4))
+    elif profile == "sd15":
+        cfg = sd15_config(overrides.pop("resolution", 512))
+    else:
+        raise ValueError(f"unknown model profile {profile!r}: tiny or sd15")
+    cfg.update(overrides)
+    model = DurianModel(**cfg)
+    if profile == "sd15":
+        model.image_encoder.clip.requires_grad_(False)  # pretrained CLIP stays frozen
+    return model
+
+
+def load_unet_weights(target: UNet2DConditionModel, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy SD U-Net weights into ``target``; a wider ``conv_in`` keeps the SD weights on the
+    first channels and gets zero weights on the extra (mask) channel, so at load the mask has no
+    effect and the pretrained behaviour is intact."""
+    state = dict(state_dict)
+    own = target.conv_in.weight
+    src = state["conv_in.weight"]
+    if src.shape != own.shape:
+        if src.shape[0] != own.shape[0] or src.shape[1] > own.shape[1]:
+            raise ValueError(f"conv_in {tuple(src.shape)} cannot widen to {tuple(own.shape)}")
+        widened = torch.zeros(own.shape, dtype=src.dtype)
+        widened[:, : src.shape[1]] = src
+        state["conv_in.weight"] = widened
+    target.load_state_dict(state, strict=True)
+
+
+def load_sd15(
+    pretrained_model_path: str | os.PathLike,
+    image_encoder_path: str | os.PathLike | None = None,
+    motion_module_path: str | os.PathLike | None = None,
+    resolution: int = 512,
+    **overrides: Any,
+) -> DurianModel:
+    """The sd15 profile from local folders: ``<path>/unet`` and ``<path>/vae`` (diffusers
+    format, SD 1.5 or SD image-variations), a ``CLIPVisionModelWithProjection`` folder, and a
+    motion-module safetensors checkpoint. Config shapes are taken from the folders."""
+    base = UNet2DConditionModel.from_pretrained(pretrained_model_path, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(pretrained_model_path, subfolder="vae")
+    cfg = sd15_config(resolution)
+    cfg["unet_config"] = {**dict(base.config), "sample_size": resolution // 8}
+    cfg["vae_config"] = dict(vae.config)
+    clip = None
+    if image_encoder_path is not None:
+        clip = CLIPVisionModelWithProjection.from_pretrained(image_encoder_path)
+        cfg["image_encoder_config"] = clip_config_dict(clip.config)
+    cfg.update(overrides)
+    model = DurianModel(**cfg)
+    state = base.state_dict()
+    for net in (model.dnet, model.arnet, model.prnet):
+        load_unet_weights(net, state)
+    model.vae.load_state_dict(vae.state_dict())
+    if clip is not None:
+        model.image_encoder.clip.load_state_dict(clip.state_dict())
+        model.image_encoder.clip.requires_grad_(not cfg["train_image_encoder"])
+    if motion_module_path is not None:
+        model.add_temporal_module(checkpoint=motion_module_path)
+    return model
+
+
+def make_noise_scheduler(kind: str = "ddpm", **overrides: Any) -> DDPMScheduler | DDIMScheduler:
+    """SD 1.5's noise schedule (ε-prediction) for training (``ddpm``) or sampling (``ddim``)."""
+    cfg = {**SD15_SCHEDULER_CONFIG, **overrides}
+    if kind == "ddpm":
+        cfg.pop("set_alpha_to_one", None)
+        return DDPMScheduler(**cfg)
+    if kind == "ddim":
+        return DDIMScheduler(**cfg)
+    raise ValueError(f"unknown scheduler kind {kind!r}: ddpm or ddim")

@@ -1,0 +1,300 @@
+"""DurianPipeline: portrait + attribute reference(s) + driving keypoint images → video frames.
+
+Usage::
+
+    model = DurianModel.from_pretrained(model_dir)
+    pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
+    pipe = DurianPipeline.from_pretrained(pipeline_dir)            # after pipe.save_pretrained(...)
+    pipe = DurianPipeline.from_model_dir(model_or_pipeline_dir)    # either layout
+    pipe.to("cuda", torch.float16)                                  # fp16/bf16 + SDPA on GPU
+    frames = pipe(portrait, portrait_mask, attribute_image, attribute_mask, keypoint_images,
+                  num_inference_steps=25, guidance_scale=3.5, generator=g).frames  # F×H×W×3 uint8
+
+Inputs: images as PIL, uint8 H×W×3 arrays, or float arrays/tensors in [0, 1] (H×W×3 or 3×H×W);
+masks as PIL, bool/uint8 arrays (non-zero = masked) or floats in [0, 1]; keypoint images as a
+list of images, a F×H×W×3 uint8 array or a F×3×H×W float tensor in [0, 1]. Everything is resized
+to the model's resolution. The complementary masking of method note §2 is applied here
+(portrait ⊙ (1 − M_port), attribute ⊙ M_attr; masked-out pixels black), so the portrait may be
+given masked or not.
+
+* composition: ``attribute_image`` / ``attribute_mask`` as lists — N attributes in one pass.
+* interpolation: ``attribute_image_2`` / ``attribute_mask_2`` and ``alpha`` (a float or one per
+  frame, default 0.5): ``(1−α)·SA(F_t, F_port, F_attr1) + α·SA(F_t, F_port, F_attr2)`` in every
+  DNet block; DNet's cross-attention context φ_attr is blended with the same α [ours].
+* classifier-free guidance: unconditional = zero embedding and no reference tokens;
+  ``drop_identity`` / ``drop_attribute`` remove one stream from the conditional branch too.
+* long videos: temporal windows of ``window`` frames overlapping by ``overlap``; the noise
+  predictions of overlapping windows are averaged at every step. ``window=None``: one pass.
+* the reference nets and the keypoint guider run once per call, before the denoising loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from durian.models.durian_model import DurianModel
+from durian.models.profiles import make_noise_scheduler
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclass
+class DurianPipelineOutput(BaseOutput):
+    """``frames``: F×H×W×3 uint8 (``output_type="np"``) or F×3×H×W float in [0, 1] ("pt")."""
+
+    frames: np.ndarray | torch.Tensor
+
+
+def temporal_windows(num_frames: int, window: int | None, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) frame windows covering ``num_frames``; the last one is aligned to the end."""
+    if window is None or num_frames <= window:
+        return [(0, num_frames)]
+    if not 0 <= overlap < window:
+        raise ValueError(f"need 0 <= overlap < window, got overlap={overlap}, window={window}")
+    stride = window - overlap
+    starts = list(range(0, num_frames - window + 1, stride))
+    if starts[-1] + window < num_frames:
+        starts.append(num_frames - window)
+    return [(s, s + window) for s in starts]
+
+
+def _to_chw(x: ImageInput) -> torch.Tensor:
+    """One image → float (C, H, W) in [0, 1]."""
+    if isinstance(x, PIL.Image.Image):
+        x = np.asarray(x)
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = t.float() / 255 if x.dtype == np.uint8 else t.float()
+        if t.ndim == 2:
+            t = t[None]
+        elif t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3):
+            t = t.permute(2, 0, 1)
+        return t
+    t = x.float()
+    return t[0] if t.ndim == 4 else (t[None] if t.ndim == 2 else t)
+
+
+def _image(x: ImageInput, size: int) -> torch.Tensor:
+    t = _to_chw(x)[:3]
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    t = t[None]
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True)
+    return t.clamp(0, 1)
+
+
+def _mask(x: ImageInput, size: int) -> torch.Tensor:
+    if isinstance(x, PIL.Image.Image):
+        x = np.asarray(x.convert("L"))
+    if isinstance(x, np.ndarray) and x.dtype in (np.bool_, np.uint8):
+        x = (x > 0).astype(np.float32)
+    t = _to_chw(x)[:1][None]
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="nearest")
+    return t.clamp(0, 1)
+
+
+def _keypoints(x: Sequence[ImageInput] | np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    if isinstance(x, torch.Tensor) and x.ndim == 4:
+        frames = list(x.unbind(0))
+    elif isinstance(x, np.ndarray) and x.ndim == 4:
+        frames = list(x)
+    else:
+        frames = list(x)
+    return torch.cat([_image(f, size) for f in frames])
+
+
+def _as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+class DurianPipeline(DiffusionPipeline):
+    """Portrait animation with attribute transfer (see the module docstring)."""
+
+    model_cpu_offload_seq = "model"
+
+    def __init__(self, model: DurianModel, scheduler: DDIMScheduler) -> None:
+        super().__init__()
+        self.register_modules(model=model, scheduler=scheduler)
+
+    @classmethod
+    def from_model_dir(
+        cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None
+    ) -> DurianPipeline:
+        """A pipeline from either a saved pipeline (``model_index.json``) or a saved
+        ``DurianModel`` folder (then with SD 1.5's DDIM schedule)."""
+        if (Path(path) / "model_index.json").exists():
+            return cls.from_pretrained(path, torch_dtype=torch_dtype)
+        model = DurianModel.from_pretrained(path, torch_dtype=torch_dtype)
+        return cls(model=model, scheduler=make_noise_scheduler("ddim"))
+
+    def _reference_tensors(
+        self,
+        images: list[ImageInput],
+        masks: list[ImageInput],
+        size: int,
+        keep_inside: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, N, 3, H, W) masked images in [-1, 1] and (1, N, 1, H, W) masks."""
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        imgs = torch.cat([_image(i, size) for i in images]) * 2 - 1
+        ms = torch.cat([_mask(m, size) for m in masks])
+        keep = ms if keep_inside else 1 - ms
+        imgs = imgs * keep - (1 - keep)  # masked-out pixels = -1 (black)
+        return imgs[None].to(device, dtype), ms[None].to(device, dtype)
+
+    def _step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        portrait: ImageInput,
+        portrait_mask: ImageInput,
+        attribute_image: ImageInput | Sequence[ImageInput],
+        attribute_mask: ImageInput | Sequence[ImageInput],
+        keypoint_images: Sequence[ImageInput] | np.ndarray | torch.Tensor,
+        *,
+        attribute_image_2: ImageInput | Sequence[ImageInput] | None = None,
+        attribute_mask_2: ImageInput | Sequence[ImageInput] | None = None,
+        alpha: float | Sequence[float] | None = None,
+        identity_embedding: torch.Tensor | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.5,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        window: int | None = 24,
+        overlap: int = 4,
+        drop_identity: bool = False,
+        drop_attribute: bool = False,
+        decode_chunk_size: int = 8,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> DurianPipelineOutput | tuple:
+        model: DurianModel = self.model
+        device, dtype = self._execution_device, model.dtype
+        size = model.config.resolution
+
+        # References: masked once, encoded once (one PRNet and one ARNet call).
+        id_img, id_mask = self._reference_tensors(
+            [portrait], [portrait_mask], size, False, device, dtype
+        )
+        attr_imgs, attr_masks = self._reference_tensors(
+            _as_list(attribute_image), _as_list(attribute_mask), size, True, device, dtype
+        )
+        branches_i, branches_m = [attr_imgs], [attr_masks]
+        if attribute_image_2 is not None:
+            if attribute_mask_2 is None:
+                raise ValueError("attribute_image_2 needs attribute_mask_2")
+            i2, m2 = self._reference_tensors(
+                _as_list(attribute_image_2), _as_list(attribute_mask_2), size, True, device, dtype
+            )
+            branches_i.append(i2)
+            branches_m.append(m2)
+        if identity_embedding is not None:
+            identity_embedding = identity_embedding.reshape(1, -1).to(device, dtype)
+        refs = model.encode_references(
+            id_img[:, 0], id_mask[:, 0], branches_i, branches_m, identity_embedding
+        )
+
+        kp = _keypoints(keypoint_images, size).to(device, dtype)
+        num_frames = kp.shape[0]
+        kp_features = model.encode_keypoints(kp)  # once, sliced per window
+
+        alpha_t = None
+        if len(branches_i) == 2:
+            a = 0.5 if alpha is None else alpha
+            alpha_t = torch.as_tensor(a, dtype=dtype, device=device).flatten()
+            alpha_t = alpha_t.expand(num_frames) if alpha_t.numel() == 1 else alpha_t
+            if alpha_t.shape != (num_frames,):
+                raise ValueError(f"alpha needs 1 or {num_frames} values, got {alpha_t.numel()}")
+        elif alpha is not None:
+            raise ValueError("alpha given without attribute_image_2")
+
+        windows = temporal_windows(num_frames, window, overlap)
+        longest = max(e - s for s, e in windows)
+        if model.temporal_enabled:
+            max_len = model.temporal.config.motion_max_seq_length
+            if longest > max_len:
+                raise ValueError(f"window of {longest} frames > temporal module's {max_len}")
+
+        cfg = guidance_scale > 1.0
+        drops_id = torch.tensor([True, drop_identity] if cfg else [drop_identity], device=device)
+        drops_attr = torch.tensor(
+            [True, drop_attribute] if cfg else [drop_attribute], device=device
+        )
+        n_copies = 2 if cfg else 1
+        refs_in = refs.repeat(n_copies) if cfg else refs
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        shape = (num_frames, model.latent_channels) + (size // model.latent_downscale,) * 2
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
+            for t in self.scheduler.timesteps:
+                eps_sum = torch.zeros_like(latents)
+                counts = torch.zeros(num_frames, 1, 1, 1, device=device, dtype=dtype)
+                for s, e in windows:
+                    x = self.scheduler.scale_model_input(latents[s:e], t)
+                    a_w = None if alpha_t is None else torch.cat([alpha_t[s:e]] * n_copies)
+                    eps = model.denoise(
+                        torch.cat([x] * n_copies),
+                        t,
+                        refs_in,
+                        torch.cat([kp_features[s:e]] * n_copies),
+                        num_frames=e - s,
+                        drop_identity=drops_id,
+                        drop_attribute=drops_attr,
+                        alpha=a_w,
+                    )
+                    if cfg:
+                        uncond, cond = eps.chunk(2)
+                        eps = uncond + guidance_scale * (cond - uncond)
+                    eps_sum[s:e] += eps
+                    counts[s:e] += 1
+                latents = self.scheduler.step(
+                    eps_sum / counts, t, latents, **step_kwargs
+                ).prev_sample
+                progress.update()
+        model.release()
+
+        if output_type == "latent":
+            frames = latents
+        else:
+            chunks = [
+                model.decode_latents(latents[i : i + decode_chunk_size])  # VAE slicing
+                for i in range(0, num_frames, decode_chunk_size)
+            ]
+            frames = ((torch.cat(chunks).float() + 1) / 2).clamp(0, 1)
+            if output_type == "np":
+                frames = (frames.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            elif output_type != "pt":
+                raise ValueError(f"output_type must be np, pt or latent, got {output_type!r}")
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return DurianPipelineOutput(frames=frames)

@@ -1,0 +1,103 @@
+"""One training step's loss: ε-prediction MSE of DNet given the dual references (method note §3).
+
+Contract with the data loader (one batch, float32 unless noted)::
+
+    target          B×F×3×H×W in [-1, 1]   frames to reconstruct (F = 1 in stage 1)
+    identity_ref    B×3×H×W  in [-1, 1]    I_port ⊙ (1 − M_port), masked-out pixels = -1
+    identity_mask   B×1×H×W                M_port (1 = removed attribute region)
+    attribute_ref   B×3×H×W  in [-1, 1]    I_attr ⊙ M_attr, masked-out pixels = -1
+    attribute_mask  B×1×H×W                M_attr
+    keypoints       B×F×3×H×W in [0, 1]    rendered landmarks of the target frames
+    drop_identity   bool B                 classifier-free-guidance dropout (decided by the loader)
+    drop_attribute  bool B
+    identity_embedding (optional) B×D      an external identity embedding (ArcFace / dlib)
+
+Usage::
+
+    model = build_model("tiny"); model.set_stage(1)
+    scheduler = make_noise_scheduler("ddpm")
+    loss = training_loss(model, scheduler, batch, generator)
+    loss.backward()
+
+One timestep per clip (shared by its F frames); the stage is whatever ``model.set_stage`` chose.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from durian.models.durian_model import DurianModel
+
+BATCH_KEYS = (
+    "target",
+    "identity_ref",
+    "identity_mask",
+    "attribute_ref",
+    "attribute_mask",
+    "keypoints",
+    "drop_identity",
+    "drop_attribute",
+)
+
+
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor
+) -> torch.Tensor:
+    # Draw on the generator's device (a CPU generator with a GPU model), then move.
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
+
+
+def training_loss(
+    model: DurianModel | torch.nn.Module,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator | None = None,
+    *,
+    noise_offset: float = 0.0,
+) -> torch.Tensor:
+    """Scalar ε-prediction MSE (v-prediction if the scheduler is configured for it).
+
+    ``model`` may be a ``DurianModel`` or a DDP wrapper of one. ``generator`` drives the latent
+    sampling, the noise and the timesteps (one per clip, shared by its F frames).
+    """
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"training batch lacks {missing}")
+    # A DDP-wrapped model: helpers from the inner model, the forward through the wrapper
+    # (so gradients are synchronised).
+    core = model.module if isinstance(getattr(model, "module", None), DurianModel) else model
+    target = batch["target"]
+    b, f = target.shape[:2]
+    dtype = core.dtype
+    with torch.no_grad():  # the latent space is never trained
+        x0 = core.encode_images(target.flatten(0, 1).to(dtype), generator, sample=True)
+    noise = _randn(tuple(x0.shape), generator, x0)
+    if noise_offset:
+        noise = noise + noise_offset * _randn((b * f, x0.shape[1], 1, 1), generator, x0)
+    tdev = generator.device if generator is not None else x0.device
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=tdev
+    ).to(x0.device)
+    t_frames = t.repeat_interleave(f)
+    noisy = scheduler.add_noise(x0, noise, t_frames)
+    pred = model(
+        noisy,
+        t_frames,
+        identity_ref=batch["identity_ref"].to(dtype),
+        identity_mask=batch["identity_mask"].to(dtype),
+        attribute_ref=batch["attribute_ref"].to(dtype),
+        attribute_mask=batch["attribute_mask"].to(dtype),
+        keypoints=batch["keypoints"].flatten(0, 1).to(dtype),
+        num_frames=f,
+        drop_identity=batch["drop_identity"],
+        drop_attribute=batch["drop_attribute"],
+        identity_embedding=batch.get("identity_embedding"),
+    )
+    if scheduler.config.prediction_type == "v_prediction":
+        goal = scheduler.get_velocity(x0, noise, t_frames)
+    else:
+        goal = noise
+    return F.mse_loss(pred.float(), goal.float())

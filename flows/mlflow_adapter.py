@@ -1,0 +1,34 @@
+"""MLflow adapter: the project's experiment on the local sqlite store (or the user's server)."""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from flows.env import artifact_root, tracking_uri
+
+EXPERIMENT = "durian"
+
+
+def client() -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def experiment_id(name: str = EXPERIMENT) -> str:
+    """The experiment's id, created with its artifacts inside the project on first use."""
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):
+        root = artifact_root()
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def start_run(run_name: str, tags: dict[str, str] | None = None) -> mlflow.ActiveRun:
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.start_run(experiment_id=experiment_id(), run_name=run_name, tags=tags)

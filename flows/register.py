@@ -1,0 +1,119 @@
+"""Stage ``register``: log the trained model as an MLflow pyfunc, register it as a new version of
+``durian`` with alias ``candidate``, and move ``champion`` to it only if the promotion rule
+says so (strictly better on every primary metric). The rule, the compared numbers and the
+decision are tags on the version; ``models/registered.json`` records the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from prefect import flow, get_run_logger
+
+from durian.evaluation.promotion import decide
+from flows.common import paths, read_params, run_main, write_json
+from flows.mlflow_adapter import client, start_run
+
+PYFUNC = Path(__file__).with_name("pyfunc_model.py")
+DURIAN_PACKAGE = Path(__file__).resolve().parents[1] / "durian"
+METRIC_TAG = "metric."
+
+
+def input_example(resolution: int) -> pd.DataFrame:
+    """A tiny request (flat grey images) that documents the input schema."""
+    import numpy as np
+
+    from flows.pyfunc_model import encode_png
+
+    img = np.full((resolution, resolution, 3), 128, np.uint8)
+    mask = np.zeros((resolution, resolution), np.uint8)
+    mask[: resolution // 4] = 255
+    return pd.DataFrame([{
+        "portrait": encode_png(img), "portrait_mask": encode_png(mask),
+        "attribute": encode_png(img), "attribute_mask": encode_png(mask),
+        "keypoints": json.dumps([encode_png(img)]), "steps": 1, "guidance": 1.0, "seed": 0,
+    }])
+
+
+def requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ["torch", "diffusers", "transformers", "safetensors", "numpy", "pillow", "mlflow",
+             "opencv-contrib-python", "scikit-image"]
+    return [f"{n}=={version(n)}" for n in names]
+
+
+def champion_metrics(name: str) -> tuple[str | None, dict[str, float] | None]:
+    try:
+        version = client().get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None, None
+    metrics = {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items()
+               if k.startswith(METRIC_TAG)}
+    return version.version, metrics
+
+
+@flow(name="register")
+def register_flow() -> dict[str, Any]:
+    log = get_run_logger()
+    params = read_params()
+    r = params.register
+    p = paths()
+    for needed in (p.model / "config.json", p.metrics):
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed} not found: run the train and evaluate stages first")
+    metrics = json.loads(p.metrics.read_text())
+    train_run = json.loads(p.train_info.read_text()).get("mlflow_run_id") \
+        if p.train_info.exists() else None
+    eval_run = json.loads((p.root / "models" / "evaluate.json").read_text()).get("mlflow_run_id") \
+        if (p.root / "models" / "evaluate.json").exists() else None
+
+    with start_run("register", tags={"stage": "register", "training_run_id": train_run or "",
+                                     "evaluation_run_id": eval_run or ""}):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC),
+            artifacts={"model": str(p.model)},
+            code_paths=[str(DURIAN_PACKAGE)],
+            input_example=input_example(params.model.resolution),
+            pip_requirements=requirements(),
+            registered_model_name=r.model_name,
+        )
+    version = str(info.registered_model_version)
+    c = client()
+    c.set_registered_model_alias(r.model_name, "candidate", version)
+    for k, v in metrics.items():
+        c.set_model_version_tag(r.model_name, version, f"{METRIC_TAG}{k}", str(v))
+    champ_version, champ = champion_metrics(r.model_name)
+    decision = decide(metrics, champ, r.primary_metrics, r.higher_is_better)
+    rule = (f"{'higher' if r.higher_is_better else 'lower'} is better, strictly on all of "
+            f"{r.primary_metrics}; ties and missing metrics do not promote")
+    tags = {
+        "promotion.rule": rule,
+        "promotion.compared": json.dumps({k: list(v) for k, v in decision.compared.items()}),
+        "promotion.against": champ_version or "none",
+        "promotion.decision": "promoted" if decision.promote else "kept",
+        "promotion.reason": decision.reason,
+        "training_run_id": train_run or "",
+        "evaluation_run_id": eval_run or "",
+    }
+    for k, v in tags.items():
+        c.set_model_version_tag(r.model_name, version, k, v)
+    if decision.promote:
+        c.set_registered_model_alias(r.model_name, "champion", version)
+    aliases = sorted(c.get_model_version(r.model_name, version).aliases)
+    outcome = {"name": r.model_name, "version": version, "aliases": aliases,
+               "promoted": decision.promote, "reason": decision.reason,
+               "model_uri": f"models:/{r.model_name}/{version}"}
+    write_json(p.registered, outcome)
+    log.info("register: %s v%s aliases %s — %s", r.model_name, version, aliases, decision.reason)
+    return outcome
+
+
+if __name__ == "__main__":
+    run_main(register_flow)

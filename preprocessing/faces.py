@@ -1,0 +1,438 @@
+"""Face landmarks, single-face tracking and square face crops.
+
+Conventions used throughout:
+  * landmarks are (478, 3) float arrays in mediapipe topology; x, y in pixels of the image they
+    refer to, z relative depth scaled like x (mediapipe's normalised z times the image width);
+  * pixel coordinates are continuous with pixel ``i`` covering [i, i+1), i.e. its centre at
+    ``i + 0.5`` (mediapipe's normalised coordinates times the image size);
+  * a crop box is ``(x0, y0, x1, y1)`` float in source pixels, square (x1-x0 == y1-y0), and may
+    reach outside the frame (the outside is filled by the border mode).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from preprocessing.mp_models import model_path
+
+NUM_LANDMARKS = 478
+REJECT_REASONS = ("no_face", "multiple_faces", "face_too_small")
+
+
+class ClipRejected(Exception):
+    """A clip that cannot give one usable face track; ``reason`` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r} (known: {REJECT_REASONS})")
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class FaceAnalyzer:
+    """Per-frame faces of a clip (landmarks in frame pixels) with mediapipe, in two stages.
+
+    1. Find faces: the BlazeFace short-range detector on keyframes (every ``detect_every``-th
+       and the last), over the whole frame and over overlapping square tiles of the frame's
+       short side and half of it. The detector only sees faces larger than ~15 % of its input,
+       so without tiles a face of 200 px in a 1080p frame — or two people side by side — goes
+       unseen; tiles push the limit down to ~7 % of the short side.
+    2. Landmarks: detections are grouped into face regions; for each of the ``num_faces``
+       largest, a square region of interest (the face's whole path plus a face size on each
+       side) is cut from every frame and a fresh Face Landmarker runs over it in VIDEO mode
+       (tracking and smoothing within the clip, never across clips). Its own detector and
+       presence score drop detector false positives.
+
+    One analyzer per process. mediapipe objects are created per call in the calling process
+    and never cross a fork (mediapipe hangs there); a use from a forked copy raises, and
+    pickling an analyzer (spawn, Ray) sends only its settings.
+    """
+
+    def __init__(
+        self,
+        num_faces: int = 3,
+        min_detection_confidence: float = 0.6,
+        min_presence_confidence: float = 0.5,
+        detect_every: int = 8,
+        model: str | os.PathLike | None = None,
+        detector_model: str | os.PathLike | None = None,
+    ) -> None:
+        # Several faces, so a second person is seen (and the clip rejected), not ignored.
+        self.num_faces = num_faces
+        self.min_detection_confidence = min_detection_confidence
+        self.min_presence_confidence = min_presence_confidence
+        self.detect_every = detect_every
+        self.model = str(model or model_path("face_landmarker.task"))
+        self.detector_model = str(detector_model or model_path("face_detection_short_range.tflite"))
+        self._pid = os.getpid()
+        self._closed = False
+        self._detector = None
+
+    def __reduce__(self):  # a fresh analyzer on the other side, never live mediapipe state
+        return (
+            FaceAnalyzer,
+            (self.num_faces, self.min_detection_confidence, self.min_presence_confidence,
+             self.detect_every, self.model, self.detector_model),
+        )  # fmt: skip
+
+    def __enter__(self) -> FaceAnalyzer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._detector is not None and os.getpid() == self._pid:
+            self._detector.close()
+        self._detector = None
+        self._closed = True
+
+    def _check_process(self) -> None:
+        if self._closed:
+            raise RuntimeError("FaceAnalyzer is closed")
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                "FaceAnalyzer used in a forked process; create one per worker (spawn or Ray)"
+            )
+
+    def detect(self, frame: np.ndarray) -> np.ndarray:
+        """Face boxes (n, 5) float: x0, y0, x1, y1 in frame pixels, score; duplicates merged."""
+        import mediapipe as mp
+        from mediapipe.tasks.python import BaseOptions, vision
+
+        self._check_process()
+        if self._detector is None:
+            self._detector = vision.FaceDetector.create_from_options(
+                vision.FaceDetectorOptions(
+                    base_options=BaseOptions(model_asset_path=self.detector_model),
+                    min_detection_confidence=self.min_detection_confidence,
+                )
+            )
+        h, w = frame.shape[:2]
+        found = []
+        for x, y, side_w, side_h in _tiles(h, w):
+            tile = np.ascontiguousarray(frame[y : y + side_h, x : x + side_w])
+            result = self._detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=tile))
+            for det in result.detections:
+                b = det.bounding_box
+                found.append(
+                    (x + b.origin_x, y + b.origin_y, x + b.origin_x + b.width,
+                     y + b.origin_y + b.height, det.categories[0].score)
+                )  # fmt: skip
+        return _nms(np.array(found, np.float64).reshape(-1, 5), 0.3)
+
+    def _landmarker(self):
+        from mediapipe.tasks.python import BaseOptions, vision
+
+        options = vision.FaceLandmarkerOptions(
+            base_options=BaseOptions(model_asset_path=self.model),
+            running_mode=vision.RunningMode.VIDEO,
+            num_faces=2,  # a second face overlapping this region is still seen
+            min_face_detection_confidence=0.5,
+            min_face_presence_confidence=self.min_presence_confidence,
+            min_tracking_confidence=self.min_presence_confidence,
+        )
+        return vision.FaceLandmarker.create_from_options(options)
+
+    def landmarks(self, frames: np.ndarray, fps: float) -> list[np.ndarray]:
+        """Per frame an (n_faces, 478, 3) float32 array (n_faces may be 0), frame pixels."""
+        import mediapipe as mp
+
+        self._check_process()
+        frames = _check_frames(frames)
+        t = len(frames)
+        keyframes = sorted({*range(0, t, max(1, self.detect_every)), t - 1})
+        regions = _face_regions([self.detect(frames[i]) for i in keyframes])[: self.num_faces]
+        step_ms = 1000.0 / fps if fps > 0 else 40.0
+        found: list[list[np.ndarray]] = [[] for _ in range(t)]
+        for box, size in regions:
+            side = max(box[2] - box[0], box[3] - box[1]) + 2.0 * size
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            roi = np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
+            px = int(np.clip(round(side), 128, 512))
+            crops = crop_frames(frames, np.repeat(roi[None], t, 0), px, border="constant")
+            scale = side / px
+            with self._landmarker() as landmarker:
+                for i, crop in enumerate(crops):
+                    image = mp.Image(image_format=mp.ImageFormat.SRGB, data=crop)
+                    result = landmarker.detect_for_video(image, int(round(i * step_ms)))
+                    for face in result.face_landmarks:
+                        xyz = np.array([(p.x, p.y, p.z) for p in face], np.float64) * px
+                        xyz[:, :2] = xyz[:, :2] * scale + roi[:2]
+                        xyz[:, 2] *= scale
+                        found[i].append(xyz.astype(np.float32))
+        return [_dedupe(faces) for faces in found]
+
+
+def _tiles(h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """(x, y, width, height): the whole frame, then square tiles of the short side and half
+    of it, overlapping by half a tile."""
+    out = [(0, 0, w, h)]
+    short = min(h, w)
+    for side in (short, short // 2):
+        if side < 64 or (side == short and max(h, w) < 1.2 * short):
+            continue  # too small to hold a detectable face / the same as the whole frame
+        ny = int(np.ceil(max(h - side, 0) / (side / 2))) + 1
+        nx = int(np.ceil(max(w - side, 0) / (side / 2))) + 1
+        for y in np.linspace(0, h - side, ny).round().astype(int):
+            for x in np.linspace(0, w - side, nx).round().astype(int):
+                out.append((int(x), int(y), side, side))
+    return out
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of box a (4,) with boxes b (n, 4)."""
+    iw = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
+    inter = iw * ih
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+
+
+def _nms(boxes: np.ndarray, iou: float) -> np.ndarray:
+    keep: list[int] = []
+    for i in np.argsort(-boxes[:, 4]):
+        if not keep or _box_iou(boxes[i], boxes[keep]).max() <= iou:
+            keep.append(int(i))
+    return boxes[keep]
+
+
+def _face_regions(per_keyframe: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    """Group keyframe detections into faces: (union box, largest side), largest face first."""
+    dets = [d for ds in per_keyframe for d in ds]
+    dets.sort(key=lambda d: -max(d[2] - d[0], d[3] - d[1]))
+    groups: list[list[np.ndarray]] = []
+    for d in dets:
+        size = max(d[2] - d[0], d[3] - d[1])
+        centre = (d[:2] + d[2:4]) / 2
+        for g in groups:
+            last = g[0]
+            near = np.linalg.norm(centre - (last[:2] + last[2:4]) / 2) < size
+            if near or _box_iou(d, np.array([last]))[0] > 0.2:
+                g.append(d)
+                break
+        else:
+            groups.append([d])
+    out = []
+    for g in groups:
+        arr = np.array(g)
+        union = np.array([*arr[:, :2].min(0), *arr[:, 2:4].max(0)])
+        out.append((union, float(max(max(d[2] - d[0], d[3] - d[1]) for d in g))))
+    return out
+
+
+def _dedupe(faces: list[np.ndarray]) -> np.ndarray:
+    """Drop faces found twice (overlapping regions of interest): box IoU > 0.5, keep larger."""
+    if not faces:
+        return np.zeros((0, NUM_LANDMARKS, 3), np.float32)
+    faces = sorted(faces, key=lambda f: -float(face_size(f)))
+    kept: list[np.ndarray] = []
+    for f in faces:
+        if not kept or _box_iou(face_box(f), face_box(np.stack(kept))).max() <= 0.5:
+            kept.append(f)
+    return np.stack(kept)
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T,H,W,3) uint8, got {frames.shape} {frames.dtype}")
+    return frames
+
+
+def face_box(landmarks: np.ndarray) -> np.ndarray:
+    """Axis-aligned box (x0, y0, x1, y1) of landmarks (..., 478, 3)."""
+    xy = landmarks[..., :2]
+    return np.concatenate([xy.min(axis=-2), xy.max(axis=-2)], axis=-1)
+
+
+def face_size(landmarks: np.ndarray) -> np.ndarray:
+    """The longer side of the landmark box, in pixels."""
+    b = face_box(landmarks)
+    return np.maximum(b[..., 2] - b[..., 0], b[..., 3] - b[..., 1])
+
+
+def _match(prev: np.ndarray, faces: np.ndarray) -> int | None:
+    """Index of the face continuing the track whose last landmarks are ``prev``, or None."""
+    if len(faces) == 0:
+        return None
+    pb = face_box(prev)
+    boxes = face_box(faces)
+    ious = _box_iou(pb, boxes)
+    best = int(ious.argmax())
+    if ious[best] > 0.1:
+        return best
+    # No overlap (fast motion, or a frame skipped): fall back to the nearest centre, within
+    # one face size, so a far-away stranger never takes over the track.
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    d = np.linalg.norm(centres - (pb[:2] + pb[2:]) / 2, axis=1)
+    best = int(d.argmin())
+    return best if d[best] < face_size(prev) else None
+
+
+def select_track(
+    per_frame: Sequence[np.ndarray],
+    min_face_size: float,
+    max_missing_fraction: float = 0.2,
+    max_second_face_ratio: float = 0.5,
+) -> np.ndarray:
+    """The one dominant face of a clip as (T, 478, 3) float32, gaps linearly interpolated.
+
+    Seeds the track at the largest face of the clip and follows it forwards and backwards by
+    box IoU (nearest centre as fallback). Raises ClipRejected:
+      * ``no_face``: no face anywhere, or the track is missing in more than
+        ``max_missing_fraction`` of the frames;
+      * ``multiple_faces``: in some frame another face is larger than
+        ``max_second_face_ratio`` times the tracked one (small background faces are fine);
+      * ``face_too_small``: the median tracked face size is below ``min_face_size`` pixels.
+    """
+    t = len(per_frame)
+    if t == 0:
+        raise ValueError("empty clip")
+    sizes = [face_size(f) if len(f) else np.zeros(0) for f in per_frame]
+    if not any(len(s) for s in sizes):
+        raise ClipRejected("no_face", f"no face in any of {t} frames")
+    seed = max((i for i in range(t) if len(sizes[i])), key=lambda i: sizes[i].max())
+    chosen: list[int | None] = [None] * t
+    chosen[seed] = int(sizes[seed].argmax())
+    for order in (range(seed + 1, t), range(seed - 1, -1, -1)):
+        last = per_frame[seed][chosen[seed]]
+        for i in order:
+            j = _match(last, per_frame[i])
+            chosen[i] = j
+            if j is not None:
+                last = per_frame[i][j]
+    present = np.array([c is not None for c in chosen])
+    missing = 1.0 - present.mean()
+    if missing > max_missing_fraction:
+        raise ClipRejected(
+            "no_face", f"face missing in {missing:.0%} of frames (max {max_missing_fraction:.0%})"
+        )
+    for i, j in enumerate(chosen):
+        if j is None or len(per_frame[i]) < 2:
+            continue
+        others = np.delete(sizes[i], j)
+        if others.max() > max_second_face_ratio * sizes[i][j]:
+            raise ClipRejected(
+                "multiple_faces",
+                f"frame {i}: second face {others.max():.0f}px vs main {sizes[i][j]:.0f}px",
+            )
+    track = np.zeros((t, NUM_LANDMARKS, 3), np.float32)
+    for i, j in enumerate(chosen):
+        if j is not None:
+            track[i] = per_frame[i][j]
+    median_size = float(np.median(face_size(track[present])))
+    if median_size < min_face_size:
+        raise ClipRejected(
+            "face_too_small", f"median face size {median_size:.0f}px < {min_face_size:.0f}px"
+        )
+    if not present.all():
+        # Per coordinate linear interpolation over time; np.interp holds the end values.
+        idx = np.flatnonzero(present)
+        flat = track.reshape(t, -1)
+        for k in range(flat.shape[1]):
+            flat[:, k] = np.interp(np.arange(t), idx, flat[idx, k])
+    return track
+
+
+def _smooth(x: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over axis 0 with edge padding (keeps length)."""
+    if window <= 1 or len(x) <= 1:
+        return x.copy()
+    window = min(window, 2 * len(x) - 1) | 1  # odd, and no wider than the padded signal
+    pad = window // 2
+    padded = np.pad(x, [(pad, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+    kernel = np.ones(window) / window
+    return np.stack(
+        [np.convolve(padded[:, k], kernel, mode="valid") for k in range(x.shape[1])], axis=1
+    )
+
+
+def crop_boxes(
+    landmarks: np.ndarray,
+    margin: float = 0.5,
+    smooth_window: int = 5,
+    lift: float = 0.1,
+) -> np.ndarray:
+    """Square crop boxes (T, 4) float64 as (x0, y0, x1, y1) in source pixels.
+
+    side = face size * (1 + 2 * margin), i.e. ``margin`` face sizes of context on each side;
+    the centre is the landmark box centre raised by ``lift`` face sizes so that hair (above the
+    landmarks) fits. Centre and side are smoothed over ``smooth_window`` frames (moving
+    average) so the crop does not jitter with the landmarks.
+    """
+    box = face_box(np.asarray(landmarks, np.float64))
+    size = np.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])
+    cx = (box[:, 0] + box[:, 2]) / 2
+    cy = (box[:, 1] + box[:, 3]) / 2 - lift * size
+    side = size * (1 + 2 * margin)
+    cx, cy, side = _smooth(np.stack([cx, cy, side], axis=1), smooth_window).T
+    return np.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], axis=1)
+
+
+def _affine(box: np.ndarray, size: int) -> np.ndarray:
+    # Continuous coords: u = (x - x0) * s. warpAffine works on pixel indices whose centres sit
+    # at continuous i + 0.5, hence the half-pixel terms.
+    s = size / (box[2] - box[0])
+    return np.array(
+        [[s, 0.0, (0.5 - box[0]) * s - 0.5], [0.0, s, (0.5 - box[1]) * s - 0.5]], np.float64
+    )
+
+
+def crop_frames(
+    frames: np.ndarray,
+    boxes: np.ndarray,
+    size: int,
+    border: Literal["replicate", "constant"] = "replicate",
+) -> np.ndarray:
+    """Crop and resize every frame to (T, size, size, 3) uint8 (bilinear; area when shrinking)."""
+    frames = _check_frames(frames)
+    mode = cv2.BORDER_REPLICATE if border == "replicate" else cv2.BORDER_CONSTANT
+    out = np.empty((len(frames), size, size, 3), np.uint8)
+    for i, (frame, box) in enumerate(zip(frames, boxes, strict=True)):
+        shrink = (box[2] - box[0]) / size
+        src = frame
+        m = _affine(box, size)
+        if shrink > 2:
+            # Pre-shrink with INTER_AREA so a large face is not aliased by bilinear sampling.
+            f = shrink / 2  # leaves a bilinear factor of 2, which does not alias
+            src = cv2.resize(frame, None, fx=1 / f, fy=1 / f, interpolation=cv2.INTER_AREA)
+            sx = frame.shape[1] / src.shape[1]
+            sy = frame.shape[0] / src.shape[0]
+            m = m @ np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+        out[i] = cv2.warpAffine(
+            src, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=mode, borderValue=0
+        )
+    return out
+
+
+def crop_labels(labels: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Crop label maps (T, H, W) to (T, size, size) uint8, nearest neighbour, outside = 0."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be (T,H,W), got {labels.shape}")
+    out = np.empty((len(labels), size, size), np.uint8)
+    for i, (lab, box) in enumerate(zip(labels.astype(np.uint8), boxes, strict=True)):
+        out[i] = cv2.warpAffine(
+            lab, _affine(box, size), (size, size), flags=cv2.INTER_NEAREST,
+            borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+        )  # fmt: skip
+    return out
+
+
+def landmarks_to_crop(landmarks: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Landmarks (T, 478, 3) from source to crop pixels; z scaled by the same factor."""
+    landmarks = np.asarray(landmarks, np.float64)
+    boxes = np.asarray(boxes, np.float64)
+    s = size / (boxes[:, 2] - boxes[:, 0])
+    out = np.empty_like(landmarks)
+    out[..., 0] = (landmarks[..., 0] - boxes[:, None, 0]) * s[:, None]
+    out[..., 1] = (landmarks[..., 1] - boxes[:, None, 1]) * s[:, None]
+    out[..., 2] = landmarks[..., 2] * s[:, None]
+    return out.astype(np.float32)

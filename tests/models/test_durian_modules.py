@@ -1,0 +1,213 @@
+"""Shapes through every module, the reference attention processors, and the temporal module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SIZE, tiny_model, training_batch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from safetensors.torch import save_file
+
+from durian.models.attention import DualReferenceAttnProcessor, FusionState
+from durian.models.keypoint_guider import KeypointGuider
+from durian.models.temporal import build_temporal_module, load_temporal_weights
+
+
+def _refs(model, b: int = 2, n: int = 1, seed: int = 0):
+    batch = training_batch(b, 1, seed)
+    attr = batch["attribute_ref"]
+    mask = batch["attribute_mask"]
+    if n > 1:
+        attr = torch.stack([attr.roll(i, dims=-1) for i in range(n)], dim=1)
+        mask = torch.stack([mask] * n, dim=1)
+    return model.encode_references(batch["identity_ref"], batch["identity_mask"], attr, mask)
+
+
+def test_model_size_and_structure(model) -> None:
+    total = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 < total < 5_000_000
+    # ARNet, PRNet: latent + mask channel in; DNet: latent only. Pixel space: 4x unshuffle.
+    assert model.latent_channels == 48 and model.latent_downscale == 4
+    assert model.arnet.conv_in.in_channels == 49 and model.prnet.conv_in.in_channels == 49
+    assert model.dnet.conv_in.in_channels == 48
+    assert len(model.reference_names) == 4  # every transformer block of the tiny U-Net
+
+
+def test_latent_space_is_lossless_pixel_space(model) -> None:
+    x = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
+    z = model.encode_images(x)
+    assert z.shape == (3, 48, 16, 16)
+    assert torch.equal(model.decode_latents(z), x)
+
+
+def test_reference_feature_shapes(model) -> None:
+    with torch.no_grad():
+        refs = _refs(model, b=2, n=3)
+    tokens = {"down_blocks.0": (256, 32), "mid_block": (64, 64), "up_blocks.1": (256, 32)}
+    assert set(refs.portrait) == set(model.reference_names)
+    for name in model.reference_names:
+        length, dim = tokens[name.split(".attentions")[0]]
+        assert refs.portrait[name].shape == (2, length, dim)
+        assert refs.attributes[0][name].shape == (2, 3 * length, dim)  # N=3 concatenated
+    assert refs.attribute_embeddings[0].shape == (2, 3, 64)
+
+
+def test_denoise_and_keypoint_guider_shapes(model) -> None:
+    b, f = 2, 3
+    batch = training_batch(b, f)
+    with torch.no_grad():
+        refs = _refs(model, b=b)
+        kp = model.encode_keypoints(batch["keypoints"].flatten(0, 1))
+        assert kp.shape == (b * f, 32, 16, 16)
+        x = torch.randn(b * f, 48, 16, 16)
+        eps = model.denoise(x, torch.tensor([5, 900]), refs, kp, num_frames=f)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+
+
+def test_fresh_keypoint_guider_is_zero_and_changes_dnet_once_trained(model) -> None:
+    guider = KeypointGuider(32, (8, 16, 32))
+    assert guider(torch.rand(2, 3, SIZE, SIZE)).abs().max() == 0
+    batch = training_batch(1, 1)
+    x = torch.randn(1, 48, 16, 16)
+    with torch.no_grad():
+        refs = _refs(model, b=1)
+        kp_a = model.encode_keypoints(batch["keypoints"][:, 0])
+        kp_b = model.encode_keypoints(torch.rand(1, 3, SIZE, SIZE))
+        out_a = model.denoise(x, 10, refs, kp_a)
+        out_b = model.denoise(x, 10, refs, kp_b)
+        out_none = model.denoise(x, 10, refs, None)
+    assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, out_none)
+
+
+def _attention(dim: int = 16, heads: int = 2) -> Attention:
+    torch.manual_seed(3)
+    return Attention(query_dim=dim, heads=heads, dim_head=dim // heads)
+
+
+def test_reader_without_references_is_plain_self_attention() -> None:
+    attn = _attention()
+    x = torch.randn(4, 10, 16)
+    state = FusionState(num_frames=2)  # no portrait, no attributes
+    reader = DualReferenceAttnProcessor(state, "blk")
+    with torch.no_grad():
+        assert torch.allclose(reader(attn, x), AttnProcessor2_0()(attn, x), atol=1e-6)
+
+
+def test_reader_attends_over_frame_portrait_and_attribute_tokens() -> None:
+    attn = _attention()
+    x = torch.randn(4, 10, 16)  # B=2 samples × F=2 frames
+    port, a1 = torch.randn(2, 6, 16), torch.randn(2, 5, 16)
+    state = FusionState(num_frames=2, portrait={"blk": port}, attributes=[{"blk": a1}])
+    with torch.no_grad():
+        out = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        # Reference: plain attention on concat([frame; portrait; attribute]) as key/value input,
+        # the reference tokens repeated for each of a sample's frames.
+        kv = torch.cat([x, port.repeat_interleave(2, 0), a1.repeat_interleave(2, 0)], dim=1)
+        expected = AttnProcessor2_0()(attn, x, encoder_hidden_states=kv)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, AttnProcessor2_0()(attn, x), atol=1e-3)
+
+
+def test_reader_per_sample_drop_equals_absent_tokens() -> None:
+    attn = _attention()
+    x = torch.randn(2, 10, 16)
+    port, a1 = torch.randn(2, 6, 16), torch.randn(2, 5, 16)
+    keep_attr = torch.tensor([False, True])
+    state = FusionState(portrait={"blk": port}, attributes=[{"blk": a1}], keep_attribute=keep_attr)
+    reader = DualReferenceAttnProcessor(state, "blk")
+    with torch.no_grad():
+        mixed = reader(attn, x)
+        without = AttnProcessor2_0()(
+            attn, x[:1], encoder_hidden_states=torch.cat([x[:1], port[:1]], 1)
+        )
+        with_all = AttnProcessor2_0()(
+            attn, x[1:], encoder_hidden_states=torch.cat([x[1:], port[1:], a1[1:]], 1)
+        )
+        # a different attribute for the dropped sample changes nothing there
+        state.attributes = [{"blk": torch.randn(2, 5, 16)}]
+        mixed_other = reader(attn, x)
+    assert torch.allclose(mixed[:1], without, atol=1e-5)
+    assert torch.allclose(mixed[1:], with_all, atol=1e-5)
+    assert torch.equal(mixed[0], mixed_other[0]) and not torch.allclose(mixed[1], mixed_other[1])
+
+
+def test_reader_interpolates_attention_outputs() -> None:
+    attn = _attention()
+    x = torch.randn(3, 10, 16)  # one sample, three frames
+    port, a1, a2 = torch.randn(1, 6, 16), torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    alpha = torch.tensor([0.0, 0.3, 1.0])
+    state = FusionState(
+        num_frames=3, portrait={"blk": port}, attributes=[{"blk": a1}, {"blk": a2}], alpha=alpha
+    )
+    with torch.no_grad():
+        out = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        ends = []
+        for a in (a1, a2):
+            s = FusionState(num_frames=3, portrait={"blk": port}, attributes=[{"blk": a}])
+            ends.append(DualReferenceAttnProcessor(s, "blk")(attn, x))
+    assert torch.allclose(out[0], ends[0][0], atol=1e-6)
+    assert torch.allclose(out[2], ends[1][2], atol=1e-6)
+    assert torch.allclose(out[1], 0.7 * ends[0][1] + 0.3 * ends[1][1], atol=1e-6)
+
+
+def test_temporal_module_zero_init_then_mixes_frames_only_in_stage_2() -> None:
+    model = tiny_model()
+    b, f = 1, 3
+    x = torch.randn(b * f, 48, 16, 16)
+    with torch.no_grad():
+        refs = _refs(model, b=b)
+        before = model.denoise(x, 10, refs, num_frames=f)
+        model.set_stage(2)  # inserts a fresh, zero-output temporal module
+        assert model.temporal is not None and model.temporal_enabled
+        assert torch.allclose(model.denoise(x, 10, refs, num_frames=f), before, atol=1e-6)
+        for n, m in model.temporal.named_modules():
+            if n.endswith("proj_out"):
+                m.weight.normal_(std=0.1)
+        x2 = x.clone()
+        x2[2] += 1.0  # change the last frame only
+        out, out2 = (
+            model.denoise(x, 10, refs, num_frames=f),
+            model.denoise(x2, 10, refs, num_frames=f),
+        )
+        assert not torch.allclose(out[0], out2[0])  # frame 0 sees frame 2 through time
+        model.set_stage(1)  # bypassed: frames independent again
+        out, out2 = (
+            model.denoise(x, 10, refs, num_frames=f),
+            model.denoise(x2, 10, refs, num_frames=f),
+        )
+        assert torch.equal(out[0], out2[0])
+        assert torch.allclose(out, before, atol=1e-6)
+
+
+def test_motion_module_checkpoint_loads_and_mismatch_is_explained(tmp_path) -> None:
+    model = tiny_model()
+    model.add_temporal_module()
+    cfg = dict(model.config.temporal_config)
+    source = build_temporal_module(cfg)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    save_file(source.state_dict(), str(tmp_path / "mm.safetensors"))
+    model.add_temporal_module(cfg, checkpoint=tmp_path / "mm.safetensors")
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.temporal.state_dict()[k], v)
+
+    # original AnimateDiff key names load after renaming
+    original = {
+        k.replace("transformer_blocks.0.attn1", "transformer_blocks.0.attention_blocks.0")
+        .replace("norm1", "norms.0")
+        .replace(".pos_embed.", ".pos_encoder.")
+        .replace("motion_modules.0.", "motion_modules.0.temporal_transformer."): v
+        for k, v in source.state_dict().items()
+    }
+    save_file(original, str(tmp_path / "orig.safetensors"))
+    target = build_temporal_module(cfg)
+    load_temporal_weights(target, tmp_path / "orig.safetensors")
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+
+    wrong = build_temporal_module({**cfg, "motion_max_seq_length": 16})
+    save_file(wrong.state_dict(), str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match="mis-shaped"):
+        load_temporal_weights(build_temporal_module(cfg), tmp_path / "wrong.safetensors")
+    with pytest.raises(ValueError, match="safetensors only"):
+        load_temporal_weights(build_temporal_module(cfg), tmp_path / "mm.ckpt")

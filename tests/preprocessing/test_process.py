@@ -1,0 +1,159 @@
+"""process_clip end to end: detector path on a real face, ground-truth path on a synthetic one."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from durian.data.attributes import CLASS, LABELS
+from durian.data.clip import Clip
+from preprocessing import mp_models
+from preprocessing.faces import ClipRejected, FaceAnalyzer
+from preprocessing.parsing import LandmarkParser
+from preprocessing.process import ProcessedClip, process_clip
+
+needs_models = pytest.mark.skipif(
+    not all(v == "ok" for v in mp_models.check().values()),
+    reason=f"mediapipe models missing in {mp_models.models_dir()}: "
+    f"run `{mp_models.FETCH_COMMAND}` (the install step)",
+)
+KW = dict(fps=25.0, size=128, margin=0.5, min_face_size=48)
+
+
+@pytest.fixture(scope="module")
+def tools():
+    with FaceAnalyzer() as analyzer, LandmarkParser() as parser:
+        yield analyzer, parser
+
+
+def moving_astronaut(t: int = 6) -> np.ndarray:
+    """The astronaut drifting right and zooming in slightly: a tiny real-face video."""
+    img = data.astronaut()
+    frames = []
+    for i in range(t):
+        m = cv2.getRotationMatrix2D((256, 200), 0.0, 1.0 + 0.02 * i)
+        m[0, 2] += 5 * i
+        frames.append(cv2.warpAffine(img, m, (512, 512), borderMode=cv2.BORDER_REPLICATE))
+    return np.stack(frames)
+
+
+@needs_models
+def test_detector_path_crops_tracks_and_parses(tools):
+    analyzer, parser = tools
+    frames = moving_astronaut()
+    out = process_clip(frames, parser=parser, analyzer=analyzer, **KW)
+    assert isinstance(out, ProcessedClip)
+    assert out.frames.shape == (6, 128, 128, 3) and out.frames.dtype == np.uint8
+    assert out.parsing.shape == (6, 128, 128) and out.parsing.dtype == np.uint8
+    assert out.landmarks.shape == (6, 478, 3) and out.landmarks.dtype == np.float32
+    assert out.boxes.shape == (6, 4)
+    assert out.parser_name == "landmarks" and out.parser_version == parser.version
+    # The crop follows the face: the nose tip stays put in the crop while it moves in the frame.
+    nose = out.landmarks[:, 1, :2]
+    assert np.all(np.abs(nose - nose.mean(0)) < 3.0), nose
+    assert np.all(np.abs(nose - (64, 70)) < 12), nose
+    # The nose tip and eyes carry their labels in every frame.
+    for t in range(6):
+        assert out.parsing[t, int(nose[t, 1]), int(nose[t, 0])] == CLASS["nose"]
+    assert (out.parsing == CLASS["hair"]).mean() > 0.08
+    # What a shard stores: the Clip codec accepts it, the metadata is plain JSON.
+    clip = Clip(out.frames, out.parsing, out.landmarks, {"fps": 25.0, **out.meta()})
+    meta = json.loads(json.dumps(clip.meta))
+    assert meta["parser"]["name"] == "landmarks" and len(meta["crop_boxes"]) == 6
+
+
+@needs_models
+def test_detector_path_rejects_a_clip_without_a_face(tools):
+    analyzer, parser = tools
+    with pytest.raises(ClipRejected) as err:
+        process_clip(np.zeros((3, 200, 200, 3), np.uint8), parser=parser, analyzer=analyzer, **KW)
+    assert err.value.reason == "no_face"
+
+
+def synthetic(t: int = 4, h: int = 240, w: int = 320):
+    """A synthetic 'video' whose colours encode its labels exactly, plus landmarks.
+
+    Regions (source pixels): skin square, two eye squares, a lip bar, hair band above; the face
+    drifts right 6 px per frame. Landmarks: 478 points on the face square's border (a real
+    generator would give the mesh; only the geometry matters here), the first 4 marking the
+    eye and lip centres.
+    """
+    palette = np.array([[0, 0, 0], [230, 180, 150], [40, 40, 200], [40, 200, 40],
+                        [200, 40, 40], [90, 60, 30]], np.uint8)  # fmt: skip
+    ids = np.array([CLASS[c] for c in ("background", "skin", "l_eye", "r_eye", "u_lip", "hair")])
+    frames = np.zeros((t, h, w, 3), np.uint8)
+    parsing = np.zeros((t, h, w), np.uint8)
+    lms = np.zeros((t, 478, 3), np.float32)
+    for i in range(t):
+        x0 = 100 + 6 * i
+        regions = [  # (index into palette/ids, x0, y0, x1, y1)
+            (5, x0 - 10, 40, x0 + 110, 70),
+            (1, x0, 70, x0 + 100, 170),
+            (3, x0 + 15, 95, x0 + 35, 110),  # subject's right eye: image left
+            (2, x0 + 65, 95, x0 + 85, 110),
+            (4, x0 + 30, 140, x0 + 70, 150),
+        ]
+        for k, a, b, c, d in regions:
+            frames[i, b:d, a:c] = palette[k]
+            parsing[i, b:d, a:c] = ids[k]
+        u = np.linspace(0, 1, 119, endpoint=False)
+        z = 0 * u
+        border = np.concatenate([
+            np.stack([x0 + 100 * u, 70 + z], 1), np.stack([x0 + 100 + z, 70 + 100 * u], 1),
+            np.stack([x0 + 100 - 100 * u, 170 + z], 1), np.stack([x0 + z, 170 - 100 * u], 1),
+        ])  # fmt: skip
+        lms[i, 2:, :2] = border[:476]
+        lms[i, :2, :2] = [[x0 + 75, 102.5], [x0 + 50, 145]]  # l_eye and lip centres
+        lms[i, :, 2] = 4.0
+    return frames, parsing, lms, palette, ids
+
+
+def test_ground_truth_path_crops_labels_and_landmarks_consistently():
+    frames, parsing, lms, palette, ids = synthetic()
+    out = process_clip(
+        frames, parser=None, analyzer=None, smooth_window=1,  # no smoothing: exact tracking
+        ground_truth={"landmarks": lms, "parsing": parsing}, **KW,
+    )  # fmt: skip
+    assert out.parser_name == "ground_truth" and out.parser_version == "exact"
+    assert out.parser_classes == list(LABELS)
+    assert out.parsing.shape == (4, 128, 128) and out.landmarks.shape == (4, 478, 3)
+    # Labels and pixels were cropped by the same geometry: away from region edges the colour
+    # of every pixel is the colour of its label.
+    lut = np.zeros((256, 3), np.int32)
+    lut[ids] = palette
+    expected = lut[out.parsing]
+    k = np.ones((3, 3), np.uint8)
+    # Pixels at least two crop pixels from any label edge (per frame: cv2 takes 2-D maps).
+    flat = [cv2.morphologyEx(p, cv2.MORPH_GRADIENT, k) == 0 for p in out.parsing]
+    inner = np.stack([cv2.erode(f.astype(np.uint8), k) for f in flat]) > 0
+    diff = np.abs(out.frames.astype(np.int32) - expected).max(-1)
+    assert inner.mean() > 0.7 and diff[inner].max() <= 2, diff[inner].max()
+    # Landmarks land on their regions in the crop (eye centre, lip centre), every frame.
+    for t in range(4):
+        (ex, ey), (lx, ly) = out.landmarks[t, 0, :2], out.landmarks[t, 1, :2]
+        assert out.parsing[t, int(ey), int(ex)] == CLASS["l_eye"]
+        assert out.parsing[t, int(ly), int(lx)] == CLASS["u_lip"]
+    # The face drifts in the frame but stays put in the crop; z scales with x.
+    assert np.ptp(out.landmarks[:, 0, 0]) < 0.01
+    scale = 128 / (out.boxes[:, 2] - out.boxes[:, 0])
+    assert np.allclose(out.landmarks[:, :, 2], 4.0 * scale[:, None], rtol=1e-5)
+
+
+def test_ground_truth_path_still_applies_the_face_size_rule():
+    frames, parsing, lms, _, _ = synthetic()
+    gt = {"landmarks": lms, "parsing": parsing, "version": "gen-3"}
+    with pytest.raises(ClipRejected) as err:
+        process_clip(frames, parser=None, analyzer=None, ground_truth=gt,
+                     **{**KW, "min_face_size": 150})  # fmt: skip
+    assert err.value.reason == "face_too_small"
+    ok = process_clip(frames, parser=None, analyzer=None, ground_truth=gt, **KW)
+    assert ok.parser_version == "gen-3"
+    with pytest.raises(ValueError, match="ground truth"):
+        process_clip(frames, parser=None, analyzer=None,
+                     ground_truth={"landmarks": lms[:2], "parsing": parsing}, **KW)  # fmt: skip
+    with pytest.raises(ValueError, match="analyzer and a parser"):
+        process_clip(frames, parser=None, analyzer=None, **KW)
