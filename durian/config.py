@@ -97,6 +97,32 @@ class TrainParams(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     ray_address: str | None = None
     max_failures: int = Field(1, ge=0)
+    # Stage 2 windows and the reference/target gap (durian-method.md §3).
+    frame_stride: int = Field(1, ge=1)
+    min_gap: int = Field(4, ge=0)
+    # Speed/memory: autocast on GPU (fp16 adds a GradScaler; bf16 also works on CPU).
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    loader_workers: int = Field(0, ge=0, le=64)  # DataLoader processes per Ray worker
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
+    noise_offset: float = Field(0.0, ge=0, le=1)
+    ema: bool = False  # EMA of the trainable weights; exported instead of the raw weights
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    preview_every: int = Field(10, ge=0)  # steps between MLflow preview grids; 0 = none
+    init_from: str | None = None  # a save_pretrained folder to start from (stage 2: stage 1's)
+    # Resume: true = a deterministic Ray run name (hash of what defines the run), so rerunning
+    # after a crash continues from the latest checkpoint; false = a fresh run every time.
+    resume: bool = True
+    resume_data: Literal["skip", "reseed"] = "skip"  # data position on resume (see loop.py)
+
+
+class MaskBankParams(_Section):
+    """Stage ``mask_bank``: attribute masks of other identities for mask expansion."""
+
+    per_category_limit: int = Field(256, ge=1)
+    size: int = Field(128, ge=16, le=2048)
+    frames_per_clip: int = Field(2, ge=1)
+    seed: int = 0
 
 
 class EvaluateParams(_Section):
@@ -122,6 +148,7 @@ class Params(_Section):
     ingest: IngestParams = IngestParams()
     preprocess: PreprocessParams = PreprocessParams()
     shards: ShardParams = ShardParams()
+    mask_bank: MaskBankParams = MaskBankParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()

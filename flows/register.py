@@ -55,7 +55,7 @@ def champion_metrics(name: str) -> tuple[str | None, dict[str, float] | None]:
         return None, None
     metrics = {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items()
                if k.startswith(METRIC_TAG)}
-    return version.version, metrics
+    return str(version.version), metrics
 
 
 @flow(name="register")

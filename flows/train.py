@@ -1,13 +1,29 @@
 """Stage ``train``: Ray Train ``TorchTrainer`` over the WebDataset shards.
 
 ``ScalingConfig`` comes from params (2 CPU workers on gloo here; ``use_gpu: true`` and N
-workers on an existing cluster via ``RAY_ADDRESS`` or ``train.ray_address``). Rank 0 logs to
-MLflow; checkpoints (safetensors) are reported to Ray every ``checkpoint_every`` steps; the
-final weights are saved with ``save_pretrained`` to ``models/durian/``.
+workers on an existing cluster via ``RAY_ADDRESS`` or ``train.ray_address``). Rank 0 logs loss,
+learning rate, samples/s and preview grids to MLflow; the other ranks log nothing. Checkpoints
+(safetensors weights, optimizer, EMA, RNG, step, data position) are reported to Ray every
+``checkpoint_every`` steps into ``models/checkpoints/<run name>/``, the last
+``keep_checkpoints`` kept; the final weights (EMA when on) are saved with ``save_pretrained`` to
+``models/durian/``.
+
+Resume rule. With ``train.resume: true`` (default) the Ray run name is
+``train-s<stage>-<hash>``, the hash covering everything that defines the run's trajectory: the
+``model`` section, the ``train`` keys except bookkeeping ones (:data:`NOT_IN_RUN_NAME`), the
+training shards (names and sizes) and the mask bank (size). Ray Train V2 restores a run from
+the latest checkpoint found under the same ``storage_path`` + ``name``, so rerunning the flow
+with the same params after a driver crash (or a killed ``dvc repro``) continues at the saved
+step; a run that had finished is not trained again (its last checkpoint is exported). Any
+change of params or data gives a new name, hence a fresh run. ``train.resume: false`` appends
+the MLflow run id: always a fresh run. Worker crashes inside one run are absorbed by
+``FailureConfig(max_failures)``: the workers restart from the latest checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -18,77 +34,187 @@ from prefect import flow, get_run_logger
 
 from durian.config import Params
 from flows.common import paths, read_params, run_main, write_json
+from flows.mask_bank import mask_bank_path
 from flows.mlflow_adapter import start_run
 from flows.ray_adapter import init_ray
+
+# train keys that do not change what the run computes: left out of the run name, so changing
+# them (e.g. more frequent checkpoints after a crash) still resumes the run.
+NOT_IN_RUN_NAME = frozenset(
+    {
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "preview_every",
+        "ray_address",
+        "max_failures",
+        "resume",
+        "resume_data",
+        "cpus_per_worker",
+    }
+)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker."""
     import ray.train
     import ray.train.torch
-    import torch
-    from mlflow.tracking import MlflowClient
 
     from durian.training.loop import Trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    trainer = Trainer.from_config(config, rank=rank, world_size=world)
+    device = ray.train.torch.get_device()
+    trainer = Trainer.from_config(config, rank=rank, world_size=world, device=device)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load(directory)
+    start = trainer.step
 
     # DDP over a module whose forward is the loss, so gradient sync follows the usual path.
+    # Unused parameters: a sample whose references are both dropped (classifier-free
+    # guidance) leaves the reference nets without gradient.
     trainer.wrap(
         lambda module: ray.train.torch.prepare_model(
-            module, parallel_strategy_kwargs={"find_unused_parameters": True}
+            module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
         )
     )
-    client = MlflowClient() if rank == 0 and config.get("mlflow_run_id") else None
-    run_id = config.get("mlflow_run_id")
-    every, log_every = config["checkpoint_every"], config["log_every"]
-    t0, seen = time.perf_counter(), 0
+    logger = _RankZeroLogger(config, trainer) if rank == 0 else None
+    every = config["checkpoint_every"]
+    t0, seen, timed_from = time.perf_counter(), 0, None
     for stats in trainer.steps():
         step = stats["step"]
-        seen += stats["samples"] * world
-        if client is not None and (step % log_every == 0 or step == trainer.total_steps):
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            client.log_metric(run_id, "loss", stats["loss"], step=step)
-            client.log_metric(run_id, "lr", stats["lr"], step=step)
-            client.log_metric(run_id, "samples_per_s", seen / elapsed, step=step)
+        if timed_from is None:  # throughput from the end of the first (warm-up) step
+            timed_from, t0 = step, time.perf_counter()
+        else:
+            seen += stats["samples"] * world
+        rate = seen / max(time.perf_counter() - t0, 1e-9) if seen else float("nan")
+        if logger is not None:
+            logger.step(stats, rate)
         if step % every == 0 or step == trainer.total_steps:
-            metrics = {"step": step, "loss": stats["loss"], "samples_per_s": seen / max(
-                time.perf_counter() - t0, 1e-9)}
-            with tempfile.TemporaryDirectory() as directory:
-                ckpt = None
-                if rank == 0:
-                    trainer.save(directory)
-                    ckpt = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(metrics, checkpoint=ckpt)
-    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+            metrics = {"step": step, "loss": stats["loss"], "samples_per_s": rate,
+                       "start_step": start, "world_size": world}  # fmt: skip
+            _report(trainer, rank, metrics)
 
 
-def worker_config(params: Params, shards: list[str], run_id: str | None) -> dict[str, Any]:
+def _report(trainer: Any, rank: int, metrics: dict[str, Any]) -> None:
+    """Every rank reports (Ray Train needs all); rank 0 alone writes the checkpoint."""
+    import ray.train
+
+    name = f"checkpoint_{metrics['step']:07d}"
+    with tempfile.TemporaryDirectory() as directory:
+        ckpt = None
+        if rank == 0:
+            trainer.save(directory)
+            ckpt = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+class _RankZeroLogger:
+    """MLflow logging from rank 0 with the run id the driver passed in the config."""
+
+    def __init__(self, config: dict[str, Any], trainer: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = config.get("mlflow_run_id")
+        self.client = MlflowClient() if self.run_id else None
+        self.trainer = trainer
+        self.log_every = config["log_every"]
+        self.preview_every = config.get("preview_every", 0)
+        self.preview_batch = None
+        if self.client is not None and self.preview_every:
+            self.preview_batch = trainer.preview_batch(config["batch_size"])
+
+    def step(self, stats: dict[str, Any], rate: float) -> None:
+        if self.client is None:
+            return
+        step, last = stats["step"], stats["step"] == self.trainer.total_steps
+        if step % self.log_every == 0 or last:
+            metrics = {"loss": stats["loss"], "lr": stats["lr"]}
+            if rate == rate:  # not NaN (no timed step yet)
+                metrics["samples_per_s"] = rate
+            if stats["grad_norm"] == stats["grad_norm"]:
+                metrics["grad_norm"] = stats["grad_norm"]
+            for key, value in metrics.items():
+                self.client.log_metric(self.run_id, key, float(value), step=step)
+        if self.preview_batch is not None and (step % self.preview_every == 0 or last):
+            grid = self.trainer.preview(self.preview_batch)
+            self.client.log_image(self.run_id, grid, artifact_file=f"previews/step_{step:07d}.png")
+
+
+def _abs(path: str | None, root: Path) -> str | None:
+    # Ray workers need not share the driver's working directory.
+    if not path:
+        return None
+    p = Path(path)
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def worker_config(
+    params: Params, shards: list[str], run_id: str | None, mask_bank: Path | None = None
+) -> dict[str, Any]:
+    root = paths().root
     t = params.train
+    model = params.model.model_dump()
+    for key in ("pretrained", "image_encoder", "motion_module"):
+        model[key] = _abs(model[key], root)
     return {
-        "model": params.model.model_dump(),
-        "shards": shards,
+        "model": model,
+        "shards": [_abs(s, root) for s in shards],
+        "mask_bank": str(mask_bank) if mask_bank is not None else None,
+        "init_from": _abs(t.init_from, root),
         "stage": t.stage,
         "steps": t.steps,
         "lr": t.lr,
         "batch_size": t.batch_size,
         "frames": t.frames,
+        "frame_stride": t.frame_stride,
+        "min_gap": t.min_gap,
         "grad_accum": t.grad_accum,
         "seed": t.seed,
+        "mixed_precision": t.mixed_precision,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "loader_workers": t.loader_workers,
+        "max_grad_norm": t.max_grad_norm,
+        "noise_offset": t.noise_offset,
+        "ema": t.ema,
+        "ema_decay": t.ema_decay,
+        "resume_data": t.resume_data,
         "log_every": t.log_every,
         "checkpoint_every": t.checkpoint_every,
+        "preview_every": t.preview_every,
         "mlflow_run_id": run_id,
     }
 
 
-def fit(params: Params, shards: list[str], storage: Path, run_name: str, run_id: str | None):
+def run_name(
+    params: Params, shards: list[str], mask_bank: Path | None, run_id: str | None = None
+) -> str:
+    """The Ray run name (see the module docstring for the resume rule)."""
+    train = {k: v for k, v in params.train.model_dump().items() if k not in NOT_IN_RUN_NAME}
+    identity = {
+        "model": params.model.model_dump(),
+        "train": train,
+        "shards": [(Path(s).name, Path(s).stat().st_size) for s in shards],
+        "mask_bank": mask_bank.stat().st_size if mask_bank is not None else None,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"train-s{params.train.stage}-{digest}"
+    if not params.train.resume and run_id:
+        name += f"-{run_id[:8]}"
+    return name
+
+
+def fit(
+    params: Params,
+    shards: list[str],
+    storage: Path,
+    run_name: str,
+    run_id: str | None,
+    mask_bank: Path | None = None,
+):
     """Run the TorchTrainer; returns Ray's ``Result``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -97,7 +223,7 @@ def fit(params: Params, shards: list[str], storage: Path, run_name: str, run_id:
     init_ray(t.ray_address, num_cpus=None)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(params, shards, run_id),
+        train_loop_config=worker_config(params, shards, run_id, mask_bank),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -125,29 +251,49 @@ def train_flow() -> dict[str, Any]:
     shards = [str(s) for s in list_shards(p.shards, split="train")]
     if not shards:
         raise FileNotFoundError(f"no training shards in {p.shards}: run the preprocess stage first")
+    bank = mask_bank_path()
+    bank = bank if bank.exists() else None
+    if bank is None:
+        log.warning("train: no %s; mask expansion is random dilation only", mask_bank_path())
     with start_run("train", tags={"stage": "train"}) as run:
+        name = run_name(params, shards, bank, run.info.run_id)
+        mlflow.set_tags({"ray_run_name": name, "mask_bank": str(bank or "")})
         mlflow.log_params(
             {f"train.{k}": v for k, v in params.train.model_dump().items()}
             | {f"model.{k}": v for k, v in params.model.model_dump().items()}
             | {"num_shards": len(shards)}
         )
         t0 = time.perf_counter()
-        result = fit(params, shards, p.checkpoints, f"train-{run.info.run_id[:8]}", run.info.run_id)
+        result = fit(params, shards, p.checkpoints, name, run.info.run_id, bank)
         wall = time.perf_counter() - t0
+        if result.error is not None:
+            raise RuntimeError(f"training failed: {result.error}") from result.error
         if result.checkpoint is None:
-            raise RuntimeError(f"training produced no checkpoint: {result.error}")
+            raise RuntimeError("training produced no checkpoint")
         with result.checkpoint.as_directory() as directory:
-            info = export_checkpoint(directory, params.model.model_dump(), p.model)
+            info = export_checkpoint(
+                directory,
+                params.model.model_dump(),
+                p.model,
+                use_ema=params.train.ema,
+                init_from=_abs(params.train.init_from, p.root),
+            )
         metrics = dict(result.metrics or {})
-        mlflow.log_metrics({"train_wall_s": wall, "final_loss": float(metrics.get("loss", "nan"))})
+        start_step = int(metrics.get("start_step", 0))
+        final_loss = float(metrics.get("loss", float("nan")))
+        mlflow.log_metrics({"train_wall_s": wall, "final_loss": final_loss})
+        mlflow.set_tag("resumed_from_step", str(start_step))
         summary = {
             "mlflow_run_id": run.info.run_id,
-            "steps": int(metrics.get("step", info.get("step", 0))),
-            "final_loss": float(metrics.get("loss", float("nan"))),
+            "ray_run_name": name,
+            "steps": int(info.get("step", metrics.get("step", 0))),
+            "start_step": start_step,
+            "final_loss": final_loss,
             "samples_per_s": float(metrics.get("samples_per_s", 0.0)),
             "wall_s": round(wall, 2),
             "checkpoint": str(result.checkpoint.path),
             "model_dir": str(p.model),
+            "ema": bool(info.get("exported_ema", False)),
         }
         write_json(p.train_info, summary)
     log.info("train: %s", summary)

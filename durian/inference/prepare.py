@@ -72,8 +72,9 @@ def describe(source: ImageSource, role: str) -> str:
     return role
 
 
-def read_image(source: ImageSource, role: str = "image") -> np.ndarray:
-    """An image file / array / PIL image → (H, W, 3) uint8 RGB (alpha dropped, EXIF-upright)."""
+def read_image(source: ImageSource, name: str = "image") -> np.ndarray:
+    """An image file / array / PIL image → (H, W, 3) uint8 RGB (alpha dropped, EXIF-upright).
+    ``name`` is how error messages call it (see :func:`describe`)."""
     if isinstance(source, PIL.Image.Image):
         return np.asarray(source.convert("RGB"))
     if isinstance(source, np.ndarray):
@@ -81,14 +82,14 @@ def read_image(source: ImageSource, role: str = "image") -> np.ndarray:
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=-1)
         if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or min(arr.shape[:2]) < 1:
-            raise DurianInputError(f"cannot read {role}: expected an H×W×3 image, got {arr.shape}")
+            raise DurianInputError(f"cannot read {name}: expected an H×W×3 image, got {arr.shape}")
         if arr.dtype != np.uint8:
             scale = 255.0 if arr.dtype.kind == "f" and arr.max() <= 1.0 else 1.0
             arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
         return np.ascontiguousarray(arr[..., :3])
     path = Path(source)
     if not path.is_file():
-        raise DurianInputError(f"cannot read {describe(source, role)}: file not found ({path})")
+        raise DurianInputError(f"cannot read {name}: file not found ({path})")
     try:
         with PIL.Image.open(path) as im:
             from PIL import ImageOps
@@ -96,7 +97,7 @@ def read_image(source: ImageSource, role: str = "image") -> np.ndarray:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (PIL.UnidentifiedImageError, OSError, ValueError) as err:
         raise DurianInputError(
-            f"cannot read {describe(source, role)}: not a readable image ({type(err).__name__})"
+            f"cannot read {name}: not a readable image ({type(err).__name__})"
         ) from None
 
 

@@ -10,8 +10,8 @@ Usage::
     frames = pipe(portrait, portrait_mask, attribute_image, attribute_mask, keypoint_images,
                   num_inference_steps=25, guidance_scale=3.5, generator=g).frames  # F×H×W×3 uint8
 
-Inputs: images as PIL, uint8 H×W×3 arrays, or float arrays/tensors in [0, 1] (H×W×3 or 3×H×W);
-masks as PIL, bool/uint8 arrays (non-zero = masked) or floats in [0, 1]; keypoint images as a
+Inputs: images as PIL, uint8 arrays/tensors, or float arrays/tensors in [0, 1] (H×W×C or C×H×W);
+masks as PIL, bool/uint8 arrays or tensors (non-zero = masked) or floats in [0, 1]; keypoints as a
 list of images, a F×H×W×3 uint8 array or a F×3×H×W float tensor in [0, 1]. Everything is resized
 to the model's resolution. The complementary masking of method note §2 is applied here
 (portrait ⊙ (1 − M_port), attribute ⊙ M_attr; masked-out pixels black), so the portrait may be
@@ -77,13 +77,14 @@ def _to_chw(x: ImageInput) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(x))
         t = t.float() / 255 if x.dtype == np.uint8 else t.float()
-        if t.ndim == 2:
-            t = t[None]
-        elif t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3):
-            t = t.permute(2, 0, 1)
-        return t
-    t = x.float()
-    return t[0] if t.ndim == 4 else (t[None] if t.ndim == 2 else t)
+    else:
+        t = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        t = t[0] if t.ndim == 4 else t
+    if t.ndim == 2:
+        return t[None]
+    if t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3):  # H×W×C → C×H×W
+        t = t.permute(2, 0, 1)
+    return t
 
 
 def _image(x: ImageInput, size: int) -> torch.Tensor:
@@ -101,6 +102,8 @@ def _mask(x: ImageInput, size: int) -> torch.Tensor:
         x = np.asarray(x.convert("L"))
     if isinstance(x, np.ndarray) and x.dtype in (np.bool_, np.uint8):
         x = (x > 0).astype(np.float32)
+    elif isinstance(x, torch.Tensor) and x.dtype in (torch.bool, torch.uint8):
+        x = (x > 0).float()  # 0/1 and 0/255 masks alike
     t = _to_chw(x)[:1][None]
     if t.shape[-2:] != (size, size):
         t = F.interpolate(t, size=(size, size), mode="nearest")

@@ -1,5 +1,16 @@
-"""Training state on disk: weights as safetensors (never pickled modules), optimizer state,
-the step and the RNG states, so an interrupted run resumes where it stopped."""
+"""Training state on disk: weights as safetensors (never pickled modules), the EMA weights, the
+optimizer and grad-scaler state, the RNG states, the step and the data position, so an
+interrupted run resumes where it stopped.
+
+A checkpoint folder::
+
+    model.safetensors   the full model state dict
+    ema.safetensors     EMA of the trainable weights (only with ``train.ema``)
+    optimizer.pt        optimizer state (tensors and numbers; loaded with weights_only)
+    scaler.pt           fp16 GradScaler state (only with mixed_precision fp16 on GPU)
+    rng.pt              torch / numpy / python RNG states
+    state.json          {"step", "stage", "data": {"seed", "batches"}, ...}
+"""
 
 from __future__ import annotations
 
@@ -13,9 +24,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
 OPTIMIZER = "optimizer.pt"
+SCALER = "scaler.pt"
 STATE = "state.json"
 RNG = "rng.pt"
+
+
+def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous views: give each its own copy.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
 def save_training_state(
@@ -24,14 +42,20 @@ def save_training_state(
     optimizer: torch.optim.Optimizer | None,
     step: int,
     extra: dict[str, Any] | None = None,
+    *,
+    ema: dict[str, torch.Tensor] | None = None,
+    scaler: dict[str, Any] | None = None,
 ) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS))
+    save_file(_cpu_tensors(model.state_dict()), str(directory / WEIGHTS))
+    if ema:
+        save_file(_cpu_tensors(ema), str(directory / EMA_WEIGHTS))
     if optimizer is not None:
         # Optimizer state is tensors + plain numbers; weights_only loading keeps it safe.
         torch.save(optimizer.state_dict(), directory / OPTIMIZER)
+    if scaler:
+        torch.save(scaler, directory / SCALER)
     torch.save(
         {
             "torch": torch.get_rng_state(),
@@ -41,6 +65,22 @@ def save_training_state(
         directory / RNG,
     )
     (directory / STATE).write_text(json.dumps({"step": int(step), **(extra or {})}, indent=2))
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint (step, stage, data position …)."""
+    return json.loads((Path(directory) / STATE).read_text())
+
+
+def load_ema(directory: str | Path) -> dict[str, torch.Tensor] | None:
+    """The EMA weights of a checkpoint, or None when it was trained without EMA."""
+    path = Path(directory) / EMA_WEIGHTS
+    return load_file(str(path)) if path.exists() else None
+
+
+def load_scaler(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / SCALER
+    return torch.load(path, weights_only=True) if path.exists() else None
 
 
 def load_training_state(
@@ -55,8 +95,10 @@ def load_training_state(
     if optimizer is not None and (directory / OPTIMIZER).exists():
         optimizer.load_state_dict(torch.load(directory / OPTIMIZER, weights_only=True))
     if restore_rng and (directory / RNG).exists():
+        # numpy's and python's states are tuples holding arrays/ints: not weights_only material,
+        # but the file is our own, written next to the weights.
         rng = torch.load(directory / RNG, weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-    return json.loads((directory / STATE).read_text())
+    return read_state(directory)

@@ -48,21 +48,41 @@ def single(pipe, anim, k: int, guidance: float = RUN["guidance"], **kwargs) -> n
     """The single-attribute pipeline path (no lists) on the inputs ``anim`` prepared."""
     a = anim.attributes[k]
     return pipe(
-        anim.portrait.image, anim.portrait_mask, a.face.image, a.mask, anim.keypoints,
-        num_inference_steps=RUN["steps"], guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(RUN["seed"]), **kwargs,
-    ).frames  # fmt: skip
+        anim.portrait.image,
+        anim.portrait_mask,
+        a.face.image,
+        a.mask,
+        anim.keypoints,
+        num_inference_steps=RUN["steps"],
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(RUN["seed"]),
+        **kwargs,
+    ).frames
 
 
 def test_composition_of_one_equals_single_attribute_path(pipe, prep, media) -> None:
-    anim = animate(pipe, media["astronaut"], [(media["glasses"], "glasses")], "nod",
-                   frames=3, preparer=prep, **RUN)  # fmt: skip
+    anim = animate(
+        pipe,
+        media["astronaut"],
+        [(media["glasses"], "glasses")],
+        "nod",
+        frames=3,
+        preparer=prep,
+        **RUN,
+    )
     assert anim.frames.shape == (3, SIZE, SIZE, 3) and anim.frames.dtype == np.uint8
     assert anim.alpha is None and anim.categories == ["glasses"] and anim.fps == 12.0
     assert np.array_equal(anim.frames, single(pipe, anim, 0))
     # Composing a second attribute changes the result (both references are used).
-    both = animate(pipe, media["astronaut"], [(media["glasses"], "glasses"), (media["grace"], None)],
-                   "nod", frames=3, preparer=prep, **RUN)  # fmt: skip
+    both = animate(
+        pipe,
+        media["astronaut"],
+        [(media["glasses"], "glasses"), (media["grace"], None)],
+        "nod",
+        frames=3,
+        preparer=prep,
+        **RUN,
+    )
     assert both.categories == ["glasses", "hair"]
     assert np.abs(both.frames.astype(int) - anim.frames).mean() > 1
 
@@ -99,8 +119,18 @@ def test_interpolation_end_points_equal_each_single_attribute(pipe, prep, media)
 
 def test_video_driving_long_output_and_side_by_side(pipe, prep, media) -> None:
     # 9 frames from a 5-frame video (played back and forth), through windows of 4.
-    anim = animate(pipe, media["astronaut"], [(media["grace"], None)], media["video"],
-                   frames=9, preparer=prep, side_by_side=True, window=4, overlap=1, **RUN)  # fmt: skip
+    anim = animate(
+        pipe,
+        media["astronaut"],
+        [(media["grace"], None)],
+        media["video"],
+        frames=9,
+        preparer=prep,
+        side_by_side=True,
+        window=4,
+        overlap=1,
+        **RUN,
+    )
     assert anim.frames.shape == (9, SIZE, 4 * SIZE, 3)
     assert anim.fps == pytest.approx(12.0, rel=0.01)
     assert np.array_equal(anim.frames[0, :, :SIZE], anim.portrait.image)

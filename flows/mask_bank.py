@@ -1,0 +1,70 @@
+"""Stage ``mask_bank``: the attribute masks of the training shards, for mask expansion.
+
+Reads every training shard once, keeps a uniform sample of at most ``per_category_limit`` masks
+per attribute category (each with its frame's landmarks and identity) and writes
+``data/mask_bank.npz``. The train stage uses it when present (``durian-method.md`` §3: the
+portrait's removed region is its own mask united with aligned masks of other identities).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger
+
+from flows.common import paths, read_params, run_main, write_json
+
+BANK = Path("data") / "mask_bank.npz"
+
+
+def mask_bank_path(root: Path | None = None) -> Path:
+    return paths(root).root / BANK
+
+
+def _clips(shards: list[str]) -> Iterator[Any]:
+    import webdataset as wds
+
+    from durian.data.clip import decode_clip
+
+    for sample in wds.tarfile_samples([{"url": url} for url in shards]):
+        yield decode_clip(sample)
+
+
+@flow(name="mask_bank")
+def mask_bank_flow() -> dict[str, Any]:
+    from durian.data.masks import build_mask_bank
+    from preprocessing.shards import list_shards
+
+    log = get_run_logger()
+    params = read_params().mask_bank
+    p = paths()
+    shards = list_shards(p.shards, split="train")
+    if not shards:
+        raise FileNotFoundError(f"no training shards in {p.shards}: run the preprocess stage first")
+    t0 = time.perf_counter()
+    bank = build_mask_bank(
+        _clips(shards),
+        params.per_category_limit,
+        np.random.default_rng(params.seed),
+        size=params.size,
+        frames_per_clip=params.frames_per_clip,
+    )
+    out = mask_bank_path()
+    bank.save(out)
+    summary = {
+        "path": str(out),
+        "counts": {k: v for k, v in bank.counts().items() if v},
+        "num_shards": len(shards),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    write_json(out.with_suffix(".json"), summary)
+    log.info("mask bank: %s", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(mask_bank_flow)
