@@ -45,6 +45,9 @@ class IngestParams(_Section):
     download_timeout_s: float = Field(30.0, gt=0)
     download_max_mb: float = Field(500.0, gt=0)
     download_retries: int = Field(3, ge=0, le=20)
+    # true: probe only videos whose content hash is not in the earlier manifest and merge
+    # (a change of these params or of the ingest code rebuilds); false: rebuild every run.
+    incremental: bool = True
 
     @model_validator(mode="after")
     def _clip_lengths(self) -> IngestParams:
@@ -63,6 +66,9 @@ class PreprocessParams(_Section):
     runner: Literal["local", "ray"] = "local"
     workers: int = Field(2, ge=1, le=4096)
     retries: int = Field(2, ge=0, le=20)
+    # true: append shards for clips not yet in the index, resume after a crash (a change of the
+    # sample-shaping params or of the preprocessing code rebuilds); false: rebuild every run.
+    incremental: bool = True
 
 
 class ShardParams(_Section):
@@ -114,6 +120,9 @@ class TrainParams(_Section):
     # after a crash continues from the latest checkpoint; false = a fresh run every time.
     resume: bool = True
     resume_data: Literal["skip", "reseed"] = "skip"  # data position on resume (see loop.py)
+    # Scheduled retraining: scratch = from init_from (or random); finetune = from the model
+    # registered as @champion when there is one (flows/versioning.champion_model_dir).
+    retrain: Literal["scratch", "finetune"] = "scratch"
 
 
 class MaskBankParams(_Section):
@@ -138,6 +147,26 @@ class RegisterParams(_Section):
     higher_is_better: bool = True
 
 
+class ScheduleParams(_Section):
+    """``durian serve``: the pipeline as a Prefect deployment on a schedule (flows/serve.py)."""
+
+    cron: str | None = None  # e.g. "0 2 * * *" (needs a Prefect server: `durian server`)
+    interval_s: float | None = Field(None, gt=0)  # used when cron is null
+    stages: list[str] = Field(
+        default_factory=lambda: ["ingest", "preprocess", "train", "evaluate", "register"]
+    )
+    version_data: bool = True  # dvc commit (+ push when a remote is set) after preprocess
+    lock_timeout_s: float = Field(0.0, ge=0)  # wait for a running pipeline; 0 = skip this run
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> ScheduleParams:
+        known = ("sample", "ingest", "preprocess", "train", "evaluate", "register")
+        unknown = [s for s in self.stages if s not in known]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(known)}")
+        return self
+
+
 # ``register`` is a section name, not ABCMeta.register: silence pydantic's shadowing warning.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -153,6 +182,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
+    schedule: ScheduleParams = ScheduleParams()
 
 
 def _one_line(err: ValidationError, origin: str) -> str:

@@ -89,7 +89,11 @@ def generate(
     out = write_video(work_dir / f"durian-{uuid.uuid4().hex[:10]}.mp4", result.frames, result.fps)
     what = ", ".join(result.categories)
     how = "interpolated" if result.alpha is not None else "composed"
-    return str(out), f"done: {len(result.frames)} frames at {result.fps:g} fps ({how}: {what})"
+    source = f"video '{Path(driving).name}'" if driving_kind == "video" else f"preset '{driving}'"
+    return str(out), (
+        f"done: {len(result.frames)} frames at {result.fps:g} fps, {how}: {what}, "
+        f"driven by {source}"
+    )
 
 
 def build_app(pipeline: Any, work_dir: str | os.PathLike | None = None) -> Any:
@@ -156,6 +160,8 @@ def build_app(pipeline: Any, work_dir: str | os.PathLike | None = None) -> Any:
                                  elem_id="guidance")  # fmt: skip
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
             side = gr.Checkbox(label="side by side", elem_id="side-by-side")
+        # Uploading a driving video means driving with it.
+        video.change(lambda v: "video" if v else "preset", inputs=video, outputs=driving_kind)
         run = gr.Button("Animate", variant="primary", elem_id="run")
         status = gr.Markdown("", elem_id="status")
         result = gr.Video(label="Result", elem_id="result", buttons=["download"], autoplay=True)
@@ -226,6 +232,11 @@ def cmd_app(args: argparse.Namespace) -> int:
     from durian.inference.errors import DurianInputError
     from flows.animate import ModelNotFoundError, load_pipeline
 
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the web app needs gradio: pip install gradio==6.31.0", file=sys.stderr)
+        return 1
     try:
         pipe = load_pipeline(args.model, args.device)
     except (DurianInputError, ModelNotFoundError) as err:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows.pipeline import STAGES
+from flows.common import STAGES
 
 
 def _venv_env() -> dict[str, str]:
@@ -38,6 +38,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         print(f"error: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})", file=sys.stderr)
+        return 2
+    if args.params and not args.no_dvc:
+        print("error: --params needs --no-dvc (DVC stages read params.yaml)", file=sys.stderr)
         return 2
     if args.params:
         os.environ["DURIAN_PARAMS"] = str(Path(args.params).resolve())

@@ -13,6 +13,8 @@ from typing import Any
 from durian.config import Params, ParamsError, load_params
 from flows.env import project_dir
 
+STAGES = ("sample", "ingest", "preprocess", "train", "evaluate", "register")
+
 
 @dataclass(frozen=True)
 class Paths:

@@ -119,7 +119,8 @@ class _RankZeroLogger:
         from mlflow.tracking import MlflowClient
 
         self.run_id = config.get("mlflow_run_id")
-        self.client = MlflowClient() if self.run_id else None
+        uri = config.get("mlflow_tracking_uri")
+        self.client = MlflowClient(tracking_uri=uri) if self.run_id else None
         self.trainer = trainer
         self.log_every = config["log_every"]
         self.preview_every = config.get("preview_every", 0)
@@ -186,6 +187,8 @@ def worker_config(
         "checkpoint_every": t.checkpoint_every,
         "preview_every": t.preview_every,
         "mlflow_run_id": run_id,
+        # Explicit: a Ray started by an earlier flow in this process keeps that flow's env.
+        "mlflow_tracking_uri": mlflow.get_tracking_uri() if run_id else None,
     }
 
 
@@ -205,6 +208,16 @@ def run_name(
     if not params.train.resume and run_id:
         name += f"-{run_id[:8]}"
     return name
+
+
+def latest_reported_step(run_dir: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train recorded for a run (None: a fresh run)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        return int(latest["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def fit(
@@ -263,6 +276,7 @@ def train_flow() -> dict[str, Any]:
             | {f"model.{k}": v for k, v in params.model.model_dump().items()}
             | {"num_shards": len(shards)}
         )
+        prior = latest_reported_step(p.checkpoints / name)
         t0 = time.perf_counter()
         result = fit(params, shards, p.checkpoints, name, run.info.run_id, bank)
         wall = time.perf_counter() - t0
@@ -279,7 +293,8 @@ def train_flow() -> dict[str, Any]:
                 init_from=_abs(params.train.init_from, p.root),
             )
         metrics = dict(result.metrics or {})
-        start_step = int(metrics.get("start_step", 0))
+        # A resumed run that had nothing left to do reports nothing: fall back on the snapshot.
+        start_step = max(int(metrics.get("start_step", 0)), prior or 0)
         final_loss = float(metrics.get("loss", float("nan")))
         mlflow.log_metrics({"train_wall_s": wall, "final_loss": final_loss})
         mlflow.set_tag("resumed_from_step", str(start_step))

@@ -127,6 +127,11 @@ def synthetic_clip(i: int, n_frames: int, size: int, seed: int
     return frames, labels, landmarks, meta
 
 
+# Lossless H.264: lossy x264 output varies from run to run here, and the sample must be
+# byte-identical so its content hashes (video ids, hence the train/val split) repeat.
+SAMPLE_CRF = 0
+
+
 def generate_sample(
     out_dir: str | os.PathLike,
     *,
@@ -154,13 +159,13 @@ def generate_sample(
     if real_photos:
         for name in REAL_PHOTOS:
             frames = real_clip(name, n_frames, size, seed)
-            written.append(write_video(out / f"real_{name}.mp4", frames, fps))
+            written.append(write_video(out / f"real_{name}.mp4", frames, fps, crf=SAMPLE_CRF))
     for i in range(n_synthetic):
         frames, labels, landmarks, meta = synthetic_clip(i, n_frames, size, seed)
         video = out / f"synth_{i:03d}.mp4"
         _write_npz(sidecar_path(video), landmarks=landmarks, parsing=labels,
                    classes=np.array(LABELS), meta=np.array(json.dumps(meta)))
-        written.append(write_video(video, frames, fps))
+        written.append(write_video(video, frames, fps, crf=SAMPLE_CRF))
     return sorted(written)
 
 

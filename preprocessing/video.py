@@ -98,7 +98,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
         with av.open(str(tmp), mode="w") as container:
             stream = container.add_stream("libx264", rate=int(round(fps)))
             stream.width, stream.height, stream.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
-            # One encoder thread: libx264 output is then byte-identical run to run (DVC-friendly).
+            # Lossy libx264 output is not byte-identical run to run even on one thread; crf=0
+            # (lossless) is, which is what the sample data uses.
             stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
             for frame in frames:
                 frame = np.ascontiguousarray(frame[: stream.height, : stream.width])

@@ -33,7 +33,6 @@ from durian.inference.prepare import (
     Preparer,
     check_alpha,
     check_attribute_category,
-    describe,
     portrait_mask,
 )
 from durian.inference.presets import PRESETS, preset_landmarks
@@ -239,7 +238,6 @@ __all__ = [
     "animate",
     "alpha_schedule",
     "check_driving",
-    "describe",
     "driving_landmarks",
     "is_preset",
     "side_by_side_frames",

@@ -75,7 +75,7 @@ def _to_chw(x: ImageInput) -> torch.Tensor:
     if isinstance(x, PIL.Image.Image):
         x = np.asarray(x)
     if isinstance(x, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = torch.from_numpy(np.array(x))  # a copy: PIL arrays are read-only
         t = t.float() / 255 if x.dtype == np.uint8 else t.float()
     else:
         t = x.float() / 255 if x.dtype == torch.uint8 else x.float()

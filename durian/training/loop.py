@@ -192,6 +192,7 @@ class Trainer:
         weight_decay: float = 0.01,
         resume_data: ResumeData = "skip",
         preview_timestep: int = 500,
+        fixed_noise: bool = False,
     ) -> None:
         if resume_data not in ("skip", "reseed"):
             raise ValueError(f"resume_data must be skip or reseed, got {resume_data!r}")
@@ -205,6 +206,8 @@ class Trainer:
         self.max_grad_norm = max_grad_norm
         self.resume_data = resume_data
         self.preview_timestep = preview_timestep
+        # Every step draws the same noise and timesteps (overfitting checks of one batch).
+        self.fixed_noise = fixed_noise
         self.step = 0
         self.start_step = 0
         model.set_stage(stage)
@@ -344,7 +347,8 @@ class Trainer:
             for micro in range(self.grad_accum):
                 batch = _to_device(next(batches), self.device)
                 self.data_batches += 1
-                generator = step_generator(self.seed, self.rank, self.step, micro)
+                at = 0 if self.fixed_noise else self.step
+                generator = step_generator(self.seed, self.rank, at, micro)
                 # Only the last micro-batch synchronises gradients across DDP ranks.
                 last = micro == self.grad_accum - 1
                 no_sync = getattr(self.loss_module, "no_sync", None)

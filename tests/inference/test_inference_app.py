@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from inference_helpers import astronaut, grace_hopper, read_mp4, save_png, tiny_pipeline
+from inference_helpers import (
+    astronaut,
+    grace_hopper,
+    moving_face_video,
+    read_mp4,
+    save_png,
+    tiny_pipeline,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -102,12 +109,19 @@ def test_app_uploads_images_and_plays_the_result(app_url, page, tmp_path) -> Non
     status.filter(has_text="error:").wait_for(timeout=60_000)
     assert "no face found in the portrait" in status.inner_text()
 
-    # A valid request: the result video appears and the browser can play it.
+    # A valid request driven by an uploaded video: the result appears and the browser plays it.
     page.locator("#portrait button[aria-label='Remove Image']").click()
     upload(page, "portrait", portrait)
+    drive = moving_face_video(tmp_path / "drive.mp4", grace_hopper(), num_frames=4)
+    page.set_input_files("#driving-video input[type=file]", str(drive))
+    page.wait_for_selector("#driving-video video", timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#driving-kind input[value=video]').checked",
+        timeout=10_000,
+    )
     page.click("#run")
     status.filter(has_text="done:").wait_for(timeout=120_000)
-    assert "4 frames" in status.inner_text()
+    assert "4 frames" in status.inner_text() and "driven by video 'drive" in status.inner_text()
     video = page.locator("#result video")
     video.wait_for(timeout=30_000)
     page.wait_for_function(

@@ -90,3 +90,13 @@ def video_inputs() -> dict:
         "attribute_mask": rect_mask(0, 8, 20, 48),
         "keypoint_images": keypoint_images(4),
     }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for these small models: with the 2 cores shared by other processes,
+    2 OpenMP threads wait on each other and a 5 s test can take minutes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,214 @@
+"""Ray Train on a real local cluster (2 CPU workers, gloo) over real shards: the train flow with
+its MLflow logging and mask bank, a worker SIGKILLed mid-run (absorbed by FailureConfig), and
+the driver SIGKILLed (a rerun resumes at the saved step). Every run here has the same
+run-defining params, so all must end with the same weights as the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from project_helpers import ROOT, project_env
+from safetensors.torch import load_file
+from training_helpers import (
+    descendants,
+    kill_processes,
+    ray_node_processes,
+    shutdown_ray,
+    wait_for,
+    write_train_shards,
+)
+
+pytestmark = pytest.mark.e2e
+
+STEPS, EVERY = 6, 2
+TRAIN = {"steps": STEPS, "checkpoint_every": EVERY, "keep_checkpoints": 2, "log_every": 1,
+         "preview_every": 3, "min_gap": 2, "num_workers": 2, "cpus_per_worker": 1,
+         "max_failures": 1, "batch_size": 2}  # fmt: skip
+
+
+def _write_project(project: Path, bank: Path | None = None) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(TRAIN)
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    write_train_shards(project / "data" / "shards")
+    if bank is not None:
+        shutil.copy2(bank, project / "data" / "mask_bank.npz")
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    from flows.train import latest_reported_step
+
+    return latest_reported_step(run_dir)
+
+
+def _final_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(checkpoint) / "model.safetensors"))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, prefect_engine) -> Iterator[dict]:
+    """One uninterrupted run of the train flow (after the mask-bank flow), in-process."""
+    project = tmp_path_factory.mktemp("reference") / "project"
+    _write_project(project)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.setenv("DURIAN_PROJECT_DIR", str(project))
+        mp.delenv("DURIAN_PARAMS", raising=False)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+        from flows.mask_bank import mask_bank_flow
+        from flows.train import train_flow
+
+        try:
+            bank = mask_bank_flow()
+            summary = train_flow()
+            yield {"project": project, "bank": bank, "summary": summary,
+                   "weights": _final_weights(summary["checkpoint"])}  # fmt: skip
+        finally:
+            shutdown_ray()
+
+
+def test_train_flow_on_two_ray_workers_logs_from_rank_zero(reference: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from durian.models.durian_model import DurianModel
+
+    project, summary = reference["project"], reference["summary"]
+    assert summary["steps"] == STEPS and summary["start_step"] == 0
+    assert summary["ray_run_name"].startswith("train-s1-")
+    assert reference["bank"]["counts"] == {"hair": 12, "glasses": 12}  # 6 clips x 2 frames
+    info = json.loads((project / "models" / "train.json").read_text())
+    assert info["mlflow_run_id"] == summary["mlflow_run_id"] and info["samples_per_s"] > 0
+    model = DurianModel.from_pretrained(str(project / "models" / "durian"))
+    assert _same({k: v for k, v in model.state_dict().items()}, reference["weights"])
+    run_dir = project / "models" / "checkpoints" / summary["ray_run_name"]
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_0000004", "checkpoint_0000006"]  # keep_checkpoints: 2
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["mask_bank"].endswith("mask_bank.npz")
+    assert run.data.params["train.num_workers"] == "2"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    # One value per step: rank 1 logs nothing (two loggers would double every step).
+    assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == list(
+        range(1, STEPS + 1)
+    )
+    rates = client.get_metric_history(run.info.run_id, "samples_per_s")
+    assert rates and all(m.value > 0 for m in rates)
+    previews = sorted(a.path for a in client.list_artifacts(run.info.run_id, "previews"))
+    assert previews == ["previews/step_0000003.png", "previews/step_0000006.png"]
+
+
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for p in ray_node_processes():
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
+    reference: dict, tmp_path: Path
+) -> None:
+    import ray
+
+    from durian.config import load_params
+    from flows.train import fit, run_name
+
+    project = reference["project"]
+    params = load_params(project / "params.yaml")
+    shards = sorted(str(p) for p in (project / "data" / "shards").glob("train-*.tar"))
+    bank = project / "data" / "mask_bank.npz"
+    storage = tmp_path / "checkpoints"
+    name = run_name(params, shards, bank)
+    assert ray.is_initialized()  # the reference run's cluster
+    killed: dict = {}
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        if not wait_for(lambda: (_latest_step(storage / name) or 0) >= EVERY, timeout=300):
+            return
+        workers = _train_workers()
+        if workers:
+            killed["step"] = _latest_step(storage / name)
+            killed["pid"] = workers[-1].pid
+            os.kill(workers[-1].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    result = fit(params, shards, storage, name, run_id=None, mask_bank=bank)
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == (
+        psutil.STATUS_ZOMBIE
+    )
+    assert result.error is None  # FailureConfig(max_failures=1) absorbed it
+    assert result.metrics["step"] == STEPS
+    # The restarted workers began at a saved step (not 0): the one saved when the worker died,
+    # or a later one if a checkpoint landed while the kill was in flight.
+    assert result.metrics["start_step"] >= killed["step"] >= EVERY
+    assert result.metrics["start_step"] % EVERY == 0
+    assert _same(_final_weights(result.checkpoint.path), reference["weights"])
+
+
+def test_a_killed_driver_resumes_at_the_saved_step_when_rerun(
+    reference: dict, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    _write_project(project, bank=reference["project"] / "data" / "mask_bank.npz")
+    env = project_env(project)
+    env["DURIAN_PROJECT_DIR"] = str(project)
+    cmd = [sys.executable, "-m", "flows.train"]
+    checkpoints = project / "models" / "checkpoints"
+
+    def saved_step() -> int:
+        return max((_latest_step(d) or 0 for d in checkpoints.glob("train-*")), default=0)
+
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: saved_step() >= EVERY or first.poll() is not None, timeout=400)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        family = descendants(first.pid)  # Ray's head services and workers
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        log.close()
+        if first.poll() is None:
+            first.kill()
+    at_kill = saved_step()
+    assert EVERY <= at_kill < STEPS
+    # Ray's processes share the driver's fate; give them a moment, then make sure.
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                             for p in family), timeout=20)  # fmt: skip
+    kill_processes([p for p in family if p.is_running()])
+    assert not (project / "models" / "train.json").exists()
+
+    second = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
+                            timeout=500)  # fmt: skip
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    info = json.loads((project / "models" / "train.json").read_text())
+    assert info["start_step"] == at_kill and info["steps"] == STEPS
+    assert info["ray_run_name"] == reference["summary"]["ray_run_name"]
+    assert _same(_final_weights(info["checkpoint"]), reference["weights"])
