@@ -135,7 +135,8 @@ class MaskBankParams(_Section):
 
 
 class EvaluateParams(_Section):
-    num_cases: int = Field(4, ge=1)
+    num_cases: int = Field(4, ge=1)  # self-attribute transfer cases from the val split
+    cross_identity_cases: int = Field(4, ge=0)  # synthetic cases with exact targets
     steps: int = Field(10, ge=1, le=1000)
     guidance: float = Field(1.0, ge=1.0, le=30.0)
     seed: int = 0
@@ -143,7 +144,10 @@ class EvaluateParams(_Section):
 
 class RegisterParams(_Section):
     model_name: str = Field("durian", pattern=r"^[A-Za-z0-9_.-]+$")
-    primary_metrics: list[str] = Field(default_factory=lambda: ["psnr_attr", "ssim"])
+    # Cross-identity metrics by default: self-transfer alone rewards copy-paste (method §5).
+    primary_metrics: list[str] = Field(
+        default_factory=lambda: ["xid_psnr_attr", "xid_ssim"], min_length=1
+    )
     higher_is_better: bool = True
 
 

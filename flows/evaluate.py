@@ -1,4 +1,5 @@
-"""Stage ``evaluate``: self-attribute transfer on the validation split (held-out identities),
+"""Stage ``evaluate``: self-attribute transfer on the validation split (held-out identities)
+and cross-identity transfer with exact targets on synthetic portraits (metrics ``xid_*``);
 L1/PSNR/SSIM over the whole frame, the attribute region and the identity region.
 
 Writes ``metrics.json`` (a DVC metric), ``plots/metrics.json`` (per case, a DVC plot) and
@@ -21,12 +22,14 @@ import webdataset as wds
 from PIL import Image
 from prefect import flow, get_run_logger
 
+from durian.config import EvaluateParams
 from durian.data.clip import decode_clip
-from durian.evaluation.self_transfer import case_metrics, preview_row, self_transfer_case
+from durian.evaluation.cases import EvalCase, case_metrics, preview_row, self_transfer_case
 from durian.pipelines.pipeline_durian import DurianPipeline
 from flows.common import paths, read_params, run_main, write_json
 from flows.mlflow_adapter import start_run
 from preprocessing.shards import list_shards
+from preprocessing.synthetic.eval_cases import cross_identity_cases
 
 
 def load_pipeline(model_dir: Path) -> DurianPipeline:
@@ -62,6 +65,33 @@ def content_hash(cases: list) -> str:
     return h.hexdigest()[:16]
 
 
+def run_cases(
+    pipe: DurianPipeline, cases: list[EvalCase], e: EvaluateParams, kind: str
+) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Animate every case; per-case metrics and preview rows."""
+    per_case, rows = [], []
+    for i, case in enumerate(cases):
+        generator = torch.Generator().manual_seed(e.seed + i)
+        output = pipe(
+            case.portrait, case.portrait_mask, case.attribute, case.attribute_mask,
+            case.keypoints, num_inference_steps=e.steps, guidance_scale=e.guidance,
+            generator=generator, window=None,
+        ).frames
+        per_case.append({"case": len(per_case), "set": kind, "key": case.key,
+                         "category": case.category, **case_metrics(case, output)})
+        rows.append(preview_row(case, output))
+    return per_case, rows
+
+
+def mean_metrics(per_case: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean over cases; inf PSNR (identical frames) capped at 100 dB so JSON stays valid."""
+    if not per_case:
+        return {}
+    keys = [k for k, v in per_case[0].items() if k != "case" and isinstance(v, float)]
+    means = {k: float(np.nanmean([c[k] for c in per_case])) for k in keys}
+    return {k: (100.0 if math.isinf(v) else v) for k, v in means.items()}
+
+
 @flow(name="evaluate")
 def evaluate_flow() -> dict[str, float]:
     log = get_run_logger()
@@ -78,27 +108,19 @@ def evaluate_flow() -> dict[str, float]:
     if not cases:
         raise ValueError(f"no evaluation case with an attribute in {len(shards)} {split} shards")
     pipe = load_pipeline(p.model)
-    per_case: list[dict[str, Any]] = []
-    rows = []
-    for i, case in enumerate(cases):
-        generator = torch.Generator().manual_seed(e.seed + i)
-        output = pipe(
-            case.portrait, case.portrait_mask, case.attribute, case.attribute_mask,
-            case.keypoints, num_inference_steps=e.steps, guidance_scale=e.guidance,
-            generator=generator, window=None,
-        ).frames
-        m = case_metrics(case, output)
-        per_case.append({"case": i, "key": case.key, "category": case.category, **m})
-        rows.append(preview_row(case, output))
-    keys = [k for k in per_case[0] if k not in ("case", "key", "category")]
-    metrics = {k: float(np.nanmean([c[k] for c in per_case])) for k in keys}
-    # inf (identical frames) is not JSON; report a capped PSNR rather than break the metric file.
-    metrics = {k: (100.0 if math.isinf(v) else v) for k, v in metrics.items()}
-    metrics["num_cases"] = len(cases)
+    per_case, rows = run_cases(pipe, cases, e, "self")
+    xid_cases = cross_identity_cases(
+        e.cross_identity_cases, params.preprocess.resolution, params.preprocess.margin, e.seed
+    )
+    xid_per_case, xid_rows = run_cases(pipe, xid_cases, e, "xid")
+    metrics = mean_metrics(per_case)
+    metrics |= {f"xid_{k}": v for k, v in mean_metrics(xid_per_case).items()}
+    metrics |= {"num_cases": len(cases), "num_xid_cases": len(xid_cases)}
+    per_case += xid_per_case
     write_json(p.metrics, metrics)
     write_json(p.plots / "metrics.json", {"cases": per_case})
     p.plots.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(p.plots / "preview.png")
+    Image.fromarray(np.concatenate(rows + xid_rows, axis=0)).save(p.plots / "preview.png")
 
     train_run = None
     if p.train_info.exists():
@@ -107,8 +129,8 @@ def evaluate_flow() -> dict[str, float]:
     if train_run:
         tags["training_run_id"] = train_run
     with start_run("evaluate", tags=tags) as run:
-        mlflow.log_params({**e.model_dump(), "eval_set_hash": content_hash(cases),
-                           "eval_set": "self_transfer", "split": split})
+        mlflow.log_params({**e.model_dump(), "eval_set_hash": content_hash(cases + xid_cases),
+                           "split": split})
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         mlflow.log_artifact(str(p.plots / "preview.png"))
         mlflow.log_artifact(str(p.plots / "metrics.json"))

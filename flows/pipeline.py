@@ -94,7 +94,7 @@ def run_outcome(results: dict[str, Any], version: dict[str, Any] | None) -> dict
         out["git_revision"] = version.get("git_revision")
     if "train" in results:
         out["final_loss"] = results["train"].get("final_loss")
-        out["init_from"] = results["train"].get("init_from")
+        out["train_run_id"] = results["train"].get("mlflow_run_id")
     if "evaluate" in results:
         out["metrics"] = _json(p.metrics)
     if "register" in results:
@@ -194,7 +194,9 @@ def pipeline_flow(
                        what=f"pipeline {outcome['flow_run_id']}"):
             overrides = {"source": source_override(source)} if source else {}
             with run_params(overrides):
-                with run_params(finetune_overrides(chosen)):
+                finetune = finetune_overrides(chosen)
+                outcome["init_from"] = finetune.get("train", {}).get("init_from")
+                with run_params(finetune):
                     results, version = _run_stages(chosen, schedule.version_data)
     except LockBusy as busy:
         outcome |= {"status": "skipped_busy", "reason": str(busy)}

@@ -73,7 +73,7 @@ def test_every_stage_leaves_its_artefacts(pipeline_run):
     assert train["steps"] == PARAMS["train"]["steps"]
 
     metrics = json.loads((project / "metrics.json").read_text())
-    for key in ("l1", "psnr", "ssim", "psnr_attr", "ssim_id"):
+    for key in ("l1", "psnr", "ssim", "psnr_attr", "ssim_id", "xid_psnr_attr", "xid_ssim"):
         assert key in metrics
     assert (project / "plots/preview.png").stat().st_size > 0
 

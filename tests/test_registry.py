@@ -24,7 +24,7 @@ def _prepare(project, metrics: dict[str, float]) -> None:
 def registered(project_dir):
     from flows.register import register_flow
 
-    _prepare(project_dir, {"psnr_attr": 10.0, "ssim": 0.5})
+    _prepare(project_dir, {"xid_psnr_attr": 10.0, "xid_ssim": 0.5})
     first = register_flow()
     return project_dir, first
 
@@ -41,15 +41,15 @@ def test_champion_moves_only_when_the_rule_says_so(registered):
     project, _ = registered
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
 
-    _prepare(project, {"psnr_attr": 9.0, "ssim": 0.9})  # worse on one primary metric
+    _prepare(project, {"xid_psnr_attr": 9.0, "xid_ssim": 0.9})  # worse on one primary metric
     second = register_flow()
     assert second["aliases"] == ["candidate"] and not second["promoted"]
     assert str(client.get_model_version_by_alias("durian", "champion").version) == "1"
     tags = client.get_model_version("durian", "2").tags
-    assert tags["promotion.decision"] == "kept" and "psnr_attr" in tags["promotion.reason"]
-    assert json.loads(tags["promotion.compared"])["psnr_attr"] == [9.0, 10.0]
+    assert tags["promotion.decision"] == "kept" and "xid_psnr_attr" in tags["promotion.reason"]
+    assert json.loads(tags["promotion.compared"])["xid_psnr_attr"] == [9.0, 10.0]
 
-    _prepare(project, {"psnr_attr": 11.0, "ssim": 0.6})  # better on both
+    _prepare(project, {"xid_psnr_attr": 11.0, "xid_ssim": 0.6})  # better on both
     third = register_flow()
     assert third["promoted"]
     assert str(client.get_model_version_by_alias("durian", "champion").version) == "3"

@@ -1,5 +1,10 @@
-"""Self-attribute transfer (method note §5): identity and attribute references from one clip
-of a held-out identity, the other frames as ground truth.
+"""Evaluation cases: a portrait, an attribute reference, driving keypoints and the exact
+target frames, with the masks the model gets at inference.
+
+* self-attribute transfer (method note §5): identity and attribute references from one clip of
+  a held-out identity, the other frames as ground truth;
+* cross-identity transfer: portrait of X, attribute of Y, target = X wearing Y's attribute —
+  exact on the synthetic portraits (built by ``preprocessing.synthetic``).
 
 The portrait's candidate region is its own attribute region united with the attribute
 reference's mask moved into portrait coordinates (method note §4), as at inference.
@@ -20,7 +25,7 @@ from durian.evaluation.metrics import region_metrics
 
 
 @dataclass
-class TransferCase:
+class EvalCase:
     key: str
     category: str
     portrait: np.ndarray  # (H, W, 3) uint8
@@ -32,9 +37,38 @@ class TransferCase:
     target_attribute_mask: np.ndarray  # (F, H, W) bool: attribute region of each target
 
 
+def make_eval_case(
+    key: str,
+    category: str,
+    portrait: tuple[np.ndarray, np.ndarray, np.ndarray],
+    attribute: tuple[np.ndarray, np.ndarray, np.ndarray],
+    target: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> EvalCase:
+    """Each of ``portrait``/``attribute`` is (image, labels, landmarks) of one frame; ``target``
+    the same for F frames. All in the same (crop) resolution."""
+    p_img, p_labels, p_lm = portrait
+    a_img, a_labels, a_lm = attribute
+    t_frames, t_labels, t_lm = target
+    h, w = p_img.shape[:2]
+    own = attribute_mask(p_labels, category)
+    attr = attribute_mask(a_labels, category)
+    aligned = align_mask(attr, a_lm, p_lm, (h, w))
+    return EvalCase(
+        key=key,
+        category=category,
+        portrait=p_img,
+        portrait_mask=own | aligned,
+        attribute=a_img,
+        attribute_mask=attr,
+        keypoints=render_keypoint_sequence(t_lm, (h, w)),
+        target=t_frames,
+        target_attribute_mask=np.stack([attribute_mask(lab, category) for lab in t_labels]),
+    )
+
+
 def self_transfer_case(
     clip: Clip, key: str, num_frames: int = 4, min_fraction: float = 0.005
-) -> TransferCase | None:
+) -> EvalCase | None:
     """Portrait = first frame, attribute = last frame, targets = frames evenly in between.
     None when the clip shows no attribute in both reference frames."""
     t = clip.num_frames
@@ -48,22 +82,13 @@ def self_transfer_case(
     if category is None:
         return None
     targets = np.unique(np.linspace(1, t - 2, num=min(num_frames, t - 2)).round().astype(int))
-    h, w = clip.frames.shape[1:3]
-    own = attribute_mask(clip.parsing[id_t], category)
-    attr = attribute_mask(clip.parsing[attr_t], category)
-    aligned = align_mask(attr, clip.landmarks[attr_t], clip.landmarks[id_t], (h, w))
-    return TransferCase(
-        key=key,
-        category=category,
-        portrait=clip.frames[id_t],
-        portrait_mask=own | aligned,
-        attribute=clip.frames[attr_t],
-        attribute_mask=attr,
-        keypoints=render_keypoint_sequence(clip.landmarks[targets], (h, w)),
-        target=clip.frames[targets],
-        target_attribute_mask=np.stack(
-            [attribute_mask(clip.parsing[i], category) for i in targets]
-        ),
+
+    def frame(i):
+        return clip.frames[i], clip.parsing[i], clip.landmarks[i]
+
+    return make_eval_case(
+        key, category, frame(id_t), frame(attr_t),
+        (clip.frames[targets], clip.parsing[targets], clip.landmarks[targets]),
     )
 
 
@@ -77,7 +102,7 @@ def _resize(images: np.ndarray, size: tuple[int, int], nearest: bool = False) ->
     ).astype(images.dtype)
 
 
-def case_metrics(case: TransferCase, output: np.ndarray) -> dict[str, float]:
+def case_metrics(case: EvalCase, output: np.ndarray) -> dict[str, float]:
     """Mean over frames of L1/PSNR/SSIM on the whole frame, the attribute region (``_attr``)
     and the identity region (``_id``, everything else)."""
     size = output.shape[1:3]
@@ -90,7 +115,7 @@ def case_metrics(case: TransferCase, output: np.ndarray) -> dict[str, float]:
     return {k: float(np.nanmean([f[k] for f in per_frame])) for k in per_frame[0]}
 
 
-def preview_row(case: TransferCase, output: np.ndarray) -> np.ndarray:
+def preview_row(case: EvalCase, output: np.ndarray) -> np.ndarray:
     """portrait | attribute | driving | output | target, for the first target frame."""
     size = output.shape[1:3]
     tiles = [
