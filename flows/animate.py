@@ -114,7 +114,8 @@ def load_pipeline(spec: str, device: str = "auto") -> Any:
             msg = " ".join(str(err).split())[:200]
             raise _not_found(spec, f"cannot load it: {type(err).__name__}: {msg}") from None
     pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
-    return pipe.to(device, torch.float16 if device == "cuda" else torch.float32)
+    # fp16 on CUDA; on CPU the saved fp32 weights stay as they are.
+    return pipe.to(device, torch.float16) if device == "cuda" else pipe.to(device)
 
 
 def _positive_int(text: str) -> int:

@@ -5,6 +5,8 @@
     durian stage NAME          one stage's Prefect flow (sample, ingest, preprocess, …)
     durian status              data, shards, model and registry at a glance
     durian fetch-models        put the mediapipe model files where the code finds them
+    durian animate …           portrait + attribute image(s) + driving motion → MP4
+    durian app                 the same in a web page on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser("fetch-models", help="fetch the mediapipe model files (offline after)")
     fetch.set_defaults(func=cmd_fetch_models)
+
+    from flows import animate as animate_cli
+    from flows import app as app_cli
+
+    animate_cli.add_parser(sub)
+    app_cli.add_parser(sub)
     return parser
 
 

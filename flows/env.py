@@ -25,6 +25,9 @@ QUIET = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "PREFECT_LOGGING_LEVEL": "INFO",
     "TOKENIZERS_PARALLELISM": "false",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    # mediapipe / LiteRT native logging: warnings and errors only.
+    "GLOG_minloglevel": "2",
 }
 
 

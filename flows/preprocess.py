@@ -175,9 +175,31 @@ def _ray_runner(groups: dict[str, list], cfg: dict[str, Any]):
     return lambda vid: remote.remote(groups[vid], cfg), ray.get
 
 
+def cache_dir() -> Path:
+    # Outside data/shards (a DVC output); emptied of what the index holds at the end of a run.
+    return paths().root / ".durian" / "cache" / "preprocess"
+
+
 def _prefect_runner(groups: dict[str, list], cfg: dict[str, Any]):
-    return (lambda vid: preprocess_video.submit(vid, groups[vid], cfg),
-            lambda future: future.result())
+    from prefect.filesystems import LocalFileSystem
+
+    task_ = preprocess_video.with_options(
+        result_storage=LocalFileSystem(basepath=str(cache_dir())))
+    return (lambda vid: task_.submit(vid, groups[vid], cfg), lambda future: future.result())
+
+
+def drop_cached(groups: dict[str, list], cfg: dict[str, Any], keep: set[str]) -> int:
+    """Delete the task cache of videos now recorded in the index: the cache is there to carry
+    work across a crash, not to hold a second copy of every shard."""
+    removed = 0
+    for vid, clips in groups.items():
+        if vid in keep:
+            continue
+        path = cache_dir() / _video_cache_key(None, {"video_id": vid, "clips": clips, "cfg": cfg})
+        if path.exists():
+            path.unlink()
+            removed += 1
+    return removed
 
 
 class IncrementalShards:
@@ -309,6 +331,8 @@ def preprocess_flow() -> dict[str, Any]:
                     log.info("preprocess: %d/%d videos, %d samples added", i, len(groups),
                              shards.added_samples)
         shards.flush()
+        if runner is _prefect_runner:
+            drop_cached(groups, cfg, keep=set(failed))
 
     summary = preprocess_summary(shards, n_videos, len(groups), failed)
     write_json(p.shards / "summary.json", summary)

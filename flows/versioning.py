@@ -140,6 +140,11 @@ def champion_model_dir(model_name: str, dest: Path) -> Path | None:
         mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}",
                                             dst_path=str(tmp))
         tmp.rename(target)
-    # The pyfunc keeps the DurianModel folder as its ``model`` artifact.
-    configs = sorted(target.rglob("artifacts/model/config.json"))
-    return configs[0].parent if configs else None
+    # The pyfunc keeps the DurianModel folder as its ``model`` artifact; MLmodel says where.
+    flavor = (yaml.safe_load((target / "MLmodel").read_text()) or {}).get("flavors", {})
+    artifact = flavor.get("python_function", {}).get("artifacts", {}).get("model", {})
+    folder = target / artifact.get("path", "")
+    if not artifact or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{model_name} v{version.version} has no 'model' artifact "
+                                f"holding a save_pretrained folder (looked in {folder})")
+    return folder

@@ -20,7 +20,7 @@ PARAMS = {
     "ingest": {"clip_frames": 8, "min_clip_frames": 6},
     "shards": {"max_samples": 4, "val_fraction": 0.34},
     "train": {"steps": 4, "checkpoint_every": 2, "log_every": 1},
-    "evaluate": {"num_cases": 2, "steps": 2},
+    "evaluate": {"num_cases": 2, "cross_identity_cases": 2, "steps": 2},
 }
 
 

@@ -30,7 +30,7 @@ TINY = {
     "ingest": {"clip_frames": 8, "min_clip_frames": 6},
     "shards": {"max_samples": 1, "val_fraction": 0.34},
     "train": {"steps": 2, "checkpoint_every": 2, "log_every": 1, "preview_every": 0},
-    "evaluate": {"num_cases": 1, "steps": 1},
+    "evaluate": {"num_cases": 1, "cross_identity_cases": 1, "steps": 1},
 }
 
 
