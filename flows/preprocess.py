@@ -176,16 +176,15 @@ def _ray_runner(groups: dict[str, list], cfg: dict[str, Any]):
 
 
 def cache_dir() -> Path:
-    # Outside data/shards (a DVC output); emptied of what the index holds at the end of a run.
-    return paths().root / ".durian" / "cache" / "preprocess"
+    """Where Prefect persists task results (``<PREFECT_HOME>/storage`` unless configured)."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().results.local_storage_path)
 
 
 def _prefect_runner(groups: dict[str, list], cfg: dict[str, Any]):
-    from prefect.filesystems import LocalFileSystem
-
-    task_ = preprocess_video.with_options(
-        result_storage=LocalFileSystem(basepath=str(cache_dir())))
-    return (lambda vid: task_.submit(vid, groups[vid], cfg), lambda future: future.result())
+    return (lambda vid: preprocess_video.submit(vid, groups[vid], cfg),
+            lambda future: future.result())
 
 
 def drop_cached(groups: dict[str, list], cfg: dict[str, Any], keep: set[str]) -> int:

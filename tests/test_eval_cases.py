@@ -37,3 +37,15 @@ def test_cross_identity_cases_are_cropped_and_exact():
         assert c.portrait.shape == (64, 64, 3) and c.target.shape[1:] == (64, 64, 3)
         assert c.attribute_mask.any(), c.key
         assert c.target_attribute_mask.any(), c.key
+
+
+def test_motion_error_is_zero_on_the_driving_landmarks_and_scales_with_output_size():
+    from durian.evaluation.cases import motion_error
+
+    case = self_transfer_case(_clip(2), "k", num_frames=3)
+    assert motion_error(case, case.driving_landmarks, 64) == 0.0
+    # the same face at twice the resolution: still zero once scaled
+    assert motion_error(case, case.driving_landmarks * 2, 128) == 0.0
+    shifted = case.driving_landmarks.copy()
+    shifted[..., 0] += 1.0
+    assert 0 < motion_error(case, shifted, 64) < 1

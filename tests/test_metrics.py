@@ -55,3 +55,30 @@ def test_mask_shape_mismatch_is_an_error():
     a = _image()
     with pytest.raises(ValueError, match="mask"):
         l1(a, a, np.ones((3, 3), bool))
+
+
+def test_flicker_is_zero_for_the_same_motion_and_grows_with_flicker():
+    from durian.evaluation.metrics import temporal_flicker
+
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0, 1, (5, 8, 8, 3))
+    assert temporal_flicker(target + 0.1, target) == pytest.approx(0.0)  # constant offset
+    flicker = target.copy()
+    flicker[1::2] += 0.2
+    # every frame-to-frame change is off by exactly 0.2
+    assert temporal_flicker(flicker, target) == pytest.approx(0.2)
+    assert math.isnan(temporal_flicker(target[:1], target[:1]))
+
+
+def test_landmark_distance_by_hand_and_missing_frames():
+    from durian.evaluation.metrics import landmark_distance
+
+    target = np.zeros((2, 3, 2))
+    pred = target.copy()
+    pred[..., 0] += 3.0
+    pred[..., 1] += 4.0  # every point 5 px away
+    assert landmark_distance(pred, target) == pytest.approx(5.0)
+    assert landmark_distance(pred, target, normaliser=np.array([10.0, 10.0])) == pytest.approx(0.5)
+    pred[1] = np.nan  # a frame where no face was found
+    assert landmark_distance(pred, target) == pytest.approx(5.0)
+    assert math.isnan(landmark_distance(np.full_like(target, np.nan), target))

@@ -21,7 +21,7 @@ from durian.data.attributes import CATEGORIES
 from durian.data.clip import Clip
 from durian.data.keypoints import render_keypoint_sequence
 from durian.data.masks import align_mask, attribute_mask, categories_present
-from durian.evaluation.metrics import region_metrics
+from durian.evaluation.metrics import landmark_distance, region_metrics, temporal_flicker
 
 
 @dataclass
@@ -35,6 +35,7 @@ class EvalCase:
     keypoints: np.ndarray  # (F, H, W, 3) uint8 rendered driving landmarks
     target: np.ndarray  # (F, H, W, 3) uint8 ground truth
     target_attribute_mask: np.ndarray  # (F, H, W) bool: attribute region of each target
+    driving_landmarks: np.ndarray  # (F, 478, 3) the landmarks the keypoints were drawn from
 
 
 def make_eval_case(
@@ -63,6 +64,7 @@ def make_eval_case(
         keypoints=render_keypoint_sequence(t_lm, (h, w)),
         target=t_frames,
         target_attribute_mask=np.stack([attribute_mask(lab, category) for lab in t_labels]),
+        driving_landmarks=np.asarray(t_lm, dtype=np.float32),
     )
 
 
@@ -104,7 +106,7 @@ def _resize(images: np.ndarray, size: tuple[int, int], nearest: bool = False) ->
 
 def case_metrics(case: EvalCase, output: np.ndarray) -> dict[str, float]:
     """Mean over frames of L1/PSNR/SSIM on the whole frame, the attribute region (``_attr``)
-    and the identity region (``_id``, everything else)."""
+    and the identity region (``_id``, everything else), plus the temporal ``flicker``."""
     size = output.shape[1:3]
     target = _resize(case.target, size)
     masks = _resize(case.target_attribute_mask.astype(np.uint8), size, nearest=True).astype(bool)
@@ -112,7 +114,20 @@ def case_metrics(case: EvalCase, output: np.ndarray) -> dict[str, float]:
         region_metrics(out, tgt, {"": None, "attr": m, "id": ~m})
         for out, tgt, m in zip(output, target, masks, strict=True)
     ]
-    return {k: float(np.nanmean([f[k] for f in per_frame])) for k in per_frame[0]}
+    means = {k: float(np.nanmean([f[k] for f in per_frame])) for k in per_frame[0]}
+    return means | {"flicker": temporal_flicker(output, target)}
+
+
+# Outer eye corners in mediapipe's topology: the inter-ocular distance normalises motion error.
+EYE_CORNERS = (33, 263)
+
+
+def motion_error(case: EvalCase, output_landmarks: np.ndarray, output_size: int) -> float:
+    """Landmark distance between the output's detected landmarks (F×478×3 in output pixels,
+    NaN where no face was found) and the driving landmarks, in inter-ocular distances."""
+    drive = case.driving_landmarks * (output_size / case.target.shape[1])
+    iod = np.linalg.norm(drive[:, EYE_CORNERS[0], :2] - drive[:, EYE_CORNERS[1], :2], axis=-1)
+    return landmark_distance(output_landmarks, drive, normaliser=iod)
 
 
 def preview_row(case: EvalCase, output: np.ndarray) -> np.ndarray:

@@ -71,3 +71,32 @@ def region_metrics(
         out[f"psnr{suffix}"] = psnr(pred, target, mask)
         out[f"ssim{suffix}"] = ssim(pred, target, mask)
     return out
+
+
+def temporal_flicker(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean absolute difference between the frame-to-frame changes of ``pred`` and of
+    ``target`` (F×H×W×C): 0 when the output changes over time exactly as the ground truth does;
+    flicker (or frozen output while the target moves) raises it. ``nan`` for a single frame."""
+    p, t = _as_float(pred), _as_float(target)
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} differ")
+    if len(p) < 2:
+        return float("nan")
+    return float(np.abs(np.diff(p, axis=0) - np.diff(t, axis=0)).mean())
+
+
+def landmark_distance(
+    pred: np.ndarray, target: np.ndarray, normaliser: float | np.ndarray | None = None
+) -> float:
+    """Motion fidelity: mean Euclidean distance between corresponding 2D landmarks (…×N×2+),
+    divided by ``normaliser`` (e.g. the inter-ocular distance) when given. Frames whose
+    landmarks are missing (NaN) are skipped; ``nan`` when none is left."""
+    p = np.asarray(pred, dtype=np.float64)[..., :2]
+    t = np.asarray(target, dtype=np.float64)[..., :2]
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} differ")
+    d = np.linalg.norm(p - t, axis=-1)
+    if normaliser is not None:
+        d = d / np.asarray(normaliser, dtype=np.float64)[..., None]
+    d = d[np.isfinite(d)]
+    return float(d.mean()) if d.size else float("nan")

@@ -107,3 +107,15 @@ def test_changed_preprocess_params_rebuild_the_shards(project_dir):
     shards = project_dir / "data" / "shards"
     names = sorted(p.name for p in shards.glob("*.tar"))
     assert names == sorted(rebuilt["new_shards"])  # the old set is gone, not appended to
+
+
+def test_task_cache_is_dropped_once_the_index_holds_the_samples(project_dir):
+    from flows.ingest import ingest_flow
+    from flows.preprocess import cache_dir, preprocess_flow
+
+    set_params(project_dir, TINY)
+    synthetic_videos(project_dir / "data" / "raw", 1, seed=4)
+    ingest_flow()
+    before = set(cache_dir().glob("preprocess-*"))
+    assert preprocess_flow()["samples_added"] == 2
+    assert set(cache_dir().glob("preprocess-*")) == before  # no second copy of the shards

@@ -130,7 +130,8 @@ def test_served_pipeline_resumes_a_killed_run_and_picks_up_new_videos(tmp_path):
         assert second["shards"] > shards_after_first
         assert second["model_version"] == "2"
         if champion_before:  # fine-tuned from @champion when there is one
-            assert second["init_from"] and second["init_from"].endswith("model")
+            assert f"champion/v{champion_before}/" in (second["init_from"] or "")
+            assert (Path(second["init_from"]) / "config.json").exists()
         reg = _registry(project)
         assert reg["versions"] == [1, 2]
         assert reg["champion"] == ("2" if second["promoted"] else champion_before)
