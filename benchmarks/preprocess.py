@@ -69,7 +69,7 @@ def steps(videos: list[Path], out: Path) -> dict[str, tuple[int, float]]:
     parser = LandmarkParser()
     with FaceAnalyzer() as analyzer, parser, ShardWriter(out / "steps", max_count=64) as writer:
         for i, video in enumerate(videos):
-            frames, dt = timed(read_frames, video, fps=12)
+            (frames, _), dt = timed(read_frames, video, fps=12)
             n = len(frames)
             totals["decode"][0] += n
             totals["decode"][1] += dt
@@ -118,7 +118,9 @@ def chain_ray(groups: list[list[dict]], workers: int) -> float:
     init_ray(None, num_cpus=workers)
     remote = ray.remote(num_cpus=1)(process_video)
     cfg = chain_config()
-    ray.get(remote.remote(groups[0][:1], cfg))  # worker start-up and model load, not timed
+    # Worker start-up and model load, not timed: one warm-up task per worker, held together.
+    ray.get([remote.options(scheduling_strategy="SPREAD").remote(groups[0][:1], cfg)
+             for _ in range(workers)])
     t0 = time.perf_counter()
     ray.get([remote.remote(g, cfg) for g in groups])
     wall = time.perf_counter() - t0

@@ -7,6 +7,8 @@
     durian fetch-models        put the mediapipe model files where the code finds them
     durian animate …           portrait + attribute image(s) + driving motion → MP4
     durian app                 the same in a web page on 127.0.0.1
+    durian server              a local Prefect server (database in .prefect/)
+    durian serve [--cron C | --interval S]   the pipeline as a scheduled Prefect deployment
 """
 
 from __future__ import annotations
@@ -113,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from flows import animate as animate_cli
     from flows import app as app_cli
+    from flows.serve import add_parser as add_schedule_parsers
 
     animate_cli.add_parser(sub)
     app_cli.add_parser(sub)
+    add_schedule_parsers(sub)  # `durian serve`, `durian server`
     return parser
 
 

@@ -24,6 +24,7 @@ from prefect.futures import wait
 import preprocessing.ingest as ingest_lib
 import preprocessing.video as video_lib
 from flows.common import paths, read_params, run_main, write_json
+from flows.locks import file_lock, lock_path
 from preprocessing.incremental import (
     fingerprint,
     merge_clips,
@@ -114,7 +115,6 @@ def earlier_manifests(manifest_dir: Path, fp: str, incremental: bool) -> tuple[l
 
 @flow(name="ingest")
 def ingest_flow() -> dict[str, Any]:
-    log = get_run_logger()
     params = read_params()
     p = paths()
     spec = SourceSpec(kind=params.source.kind, path=str(p.root / params.source.path)
@@ -122,7 +122,16 @@ def ingest_flow() -> dict[str, Any]:
     items = list_source(spec)
     cfg = params.ingest.model_dump()
     fp = ingest_fingerprint(cfg)
-    old_videos, old_clips, why = earlier_manifests(p.manifest, fp, params.ingest.incremental)
+    # One ingest at a time: two would each merge into the same earlier manifest.
+    with file_lock(lock_path("ingest"), timeout_s=600, what="ingest"):
+        return _ingest(items, spec, cfg, fp, params.ingest.incremental)
+
+
+def _ingest(items: list[str], spec: SourceSpec, cfg: dict[str, Any], fp: str,
+            incremental: bool) -> dict[str, Any]:
+    log = get_run_logger()
+    p = paths()
+    old_videos, old_clips, why = earlier_manifests(p.manifest, fp, incremental)
     known = frozenset(known_video_ids(old_videos))
     log.info("ingest: %d items from %s %s; %d known videos (%s)", len(items), spec.kind,
              spec.path, len(known), why)

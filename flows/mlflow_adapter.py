@@ -30,5 +30,9 @@ def experiment_id(name: str = EXPERIMENT) -> str:
 
 
 def start_run(run_name: str, tags: dict[str, str] | None = None) -> mlflow.ActiveRun:
+    """A run in the project's experiment, tagged with the git revision and dataset version."""
+    from flows.versioning import provenance_tags
+
     mlflow.set_tracking_uri(tracking_uri())
+    tags = {**provenance_tags(), **(tags or {})}
     return mlflow.start_run(experiment_id=experiment_id(), run_name=run_name, tags=tags)
