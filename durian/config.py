@@ -14,6 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# The pipeline's stages, in order (each a DVC stage and a Prefect flow ``flows.<stage>``).
+PIPELINE_STAGES: tuple[str, ...] = (
+    "sample", "ingest", "preprocess", "mask_bank", "train", "evaluate", "register",
+)
+
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message is one line naming the key."""
@@ -157,17 +162,18 @@ class ScheduleParams(_Section):
     cron: str | None = None  # e.g. "0 2 * * *" (needs a Prefect server: `durian server`)
     interval_s: float | None = Field(None, gt=0)  # used when cron is null
     stages: list[str] = Field(
-        default_factory=lambda: ["ingest", "preprocess", "train", "evaluate", "register"]
+        default_factory=lambda: [s for s in PIPELINE_STAGES if s != "sample"]
     )
     version_data: bool = True  # dvc commit (+ push when a remote is set) after preprocess
     lock_timeout_s: float = Field(0.0, ge=0)  # wait for a running pipeline; 0 = skip this run
 
     @model_validator(mode="after")
     def _known_stages(self) -> ScheduleParams:
-        known = ("sample", "ingest", "preprocess", "train", "evaluate", "register")
-        unknown = [s for s in self.stages if s not in known]
+        unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(known)}")
+            raise ValueError(
+                f"unknown stage(s) {unknown}; stages are {', '.join(PIPELINE_STAGES)}"
+            )
         return self
 
 

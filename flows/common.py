@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from durian.config import Params, ParamsError, load_params
+from durian.config import PIPELINE_STAGES, Params, ParamsError, load_params
 from flows.env import project_dir
 
-STAGES = ("sample", "ingest", "preprocess", "train", "evaluate", "register")
+STAGES = PIPELINE_STAGES
 
 
 @dataclass(frozen=True)

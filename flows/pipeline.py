@@ -154,18 +154,17 @@ def _run_stages(chosen: list[str], version_data: bool) -> tuple[dict, dict | Non
 
 
 def finetune_overrides(chosen: list[str]) -> dict[str, dict[str, Any]]:
-    """``train.retrain: finetune``: start from the registered @champion (if any)."""
-    params = read_params()
-    if "train" not in chosen or params.train.retrain != "finetune" or params.train.init_from:
+    """``train.retrain: finetune``: the @champion folder the train stage will start from, as a
+    params override recorded in the run's outcome (see ``flows.train.with_finetune_start``)."""
+    if "train" not in chosen:
         return {}
-    from flows.versioning import champion_model_dir
+    from flows.train import with_finetune_start
 
-    model = champion_model_dir(params.register.model_name, paths().root / ".durian" / "champion")
-    if model is None:
-        get_run_logger().info("retrain finetune: no @champion yet, training from scratch")
+    params = read_params()
+    started = with_finetune_start(params)
+    if started.train.init_from == params.train.init_from:
         return {}
-    get_run_logger().info("retrain finetune: starting from @champion at %s", model)
-    return {"train": {"init_from": str(model)}}
+    return {"train": {"init_from": started.train.init_from}}
 
 
 @flow(name="durian-pipeline")

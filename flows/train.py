@@ -11,13 +11,16 @@ learning rate, samples/s and preview grids to MLflow; the other ranks log nothin
 Resume rule. With ``train.resume: true`` (default) the Ray run name is
 ``train-s<stage>-<hash>``, the hash covering everything that defines the run's trajectory: the
 ``model`` section, the ``train`` keys except bookkeeping ones (:data:`NOT_IN_RUN_NAME`), the
-training shards (names and sizes) and the mask bank (size). Ray Train V2 restores a run from
-the latest checkpoint found under the same ``storage_path`` + ``name``, so rerunning the flow
-with the same params after a driver crash (or a killed ``dvc repro``) continues at the saved
-step; a run that had finished is not trained again (its last checkpoint is exported). Any
-change of params or data gives a new name, hence a fresh run. ``train.resume: false`` appends
-the MLflow run id: always a fresh run. Worker crashes inside one run are absorbed by
-``FailureConfig(max_failures)``: the workers restart from the latest checkpoint.
+training shards (names and sizes), and a content fingerprint of the mask bank and of the
+weights the run starts from (``train.init_from``, ``model.pretrained`` …; :func:`fingerprint`).
+Ray Train V2 restores a run from the latest checkpoint found under the same ``storage_path`` +
+``name``, so rerunning the flow with the same params after a driver crash (or a killed
+``dvc repro``) continues at the saved step; a run that had finished is not trained again (its
+last checkpoint is exported). Any change of params, data or starting weights gives a new name,
+hence a fresh run. ``train.resume: false`` appends the MLflow run id: always a fresh run. Worker
+crashes inside one run are absorbed by ``FailureConfig(max_failures)``: the workers restart from
+the latest checkpoint. ``models/checkpoints`` must not be a DVC output (DVC deletes outputs
+before it reruns a stage, which would throw the checkpoints away).
 """
 
 from __future__ import annotations
@@ -192,16 +195,51 @@ def worker_config(
     }
 
 
+def fingerprint(path: str | Path | None, root: Path | None = None) -> list[Any] | None:
+    """A cheap content fingerprint of a weights file or folder: every file's relative path,
+    size and a hash of its first and last MiB. A folder whose path stays the same while its
+    content changes (``init_from`` pointing at the latest @champion) gets a new fingerprint."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_absolute() and root is not None:
+        p = root / p
+    if not p.exists():
+        return [str(path), "missing"]
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    out: list[Any] = []
+    for f in files:
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 1 << 20:
+                fh.seek(max(size - (1 << 20), 1 << 20))
+                h.update(fh.read())
+        out.append([str(f.relative_to(p)) if p.is_dir() else f.name, size, h.hexdigest()[:16]])
+    return out
+
+
 def run_name(
     params: Params, shards: list[str], mask_bank: Path | None, run_id: str | None = None
 ) -> str:
     """The Ray run name (see the module docstring for the resume rule)."""
+    root = paths().root
     train = {k: v for k, v in params.train.model_dump().items() if k not in NOT_IN_RUN_NAME}
+    model = params.model.model_dump()
     identity = {
-        "model": params.model.model_dump(),
+        "model": model,
         "train": train,
         "shards": [(Path(s).name, Path(s).stat().st_size) for s in shards],
-        "mask_bank": mask_bank.stat().st_size if mask_bank is not None else None,
+        "mask_bank": fingerprint(mask_bank),
+        "weights": {
+            key: fingerprint(value, root)
+            for key, value in {
+                "init_from": params.train.init_from,
+                **{k: model[k] for k in ("pretrained", "image_encoder", "motion_module")},
+            }.items()
+            if value
+        },
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     name = f"train-s{params.train.stage}-{digest}"
@@ -253,13 +291,30 @@ def fit(
     return trainer.fit()
 
 
+def with_finetune_start(params: Params) -> Params:
+    """``train.retrain: finetune`` with no ``init_from``: start from the registered @champion
+    (downloaded into ``.durian/champion``); from scratch while there is none. The registry is
+    state DVC does not track: a new champion changes what this stage starts from."""
+    if params.train.retrain != "finetune" or params.train.init_from:
+        return params
+    from flows.versioning import champion_model_dir
+
+    model = champion_model_dir(params.register.model_name, paths().root / ".durian" / "champion")
+    if model is None:
+        get_run_logger().info("retrain finetune: no @champion yet, training from scratch")
+        return params
+    get_run_logger().info("retrain finetune: starting from @champion at %s", model)
+    train = params.train.model_copy(update={"init_from": str(model)})
+    return params.model_copy(update={"train": train})
+
+
 @flow(name="train")
 def train_flow() -> dict[str, Any]:
     from durian.training.loop import export_checkpoint
     from preprocessing.shards import list_shards
 
     log = get_run_logger()
-    params = read_params()
+    params = with_finetune_start(read_params())
     p = paths()
     shards = [str(s) for s in list_shards(p.shards, split="train")]
     if not shards:

@@ -115,7 +115,7 @@ def test_changing_one_param_reruns_only_that_stage_and_what_follows(pipeline_run
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["durian", "run"], project, timeout=900).stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'register'" in out
-    for stage in ("sample", "ingest", "preprocess", "train"):
+    for stage in ("sample", "ingest", "preprocess", "mask_bank", "train"):
         assert f"Running stage '{stage}'" not in out
 
 

@@ -70,9 +70,7 @@ def _to_uint8(image: torch.Tensor, unit: bool) -> np.ndarray:
     return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def preview_grid(
-    batch: dict[str, Any], prediction: torch.Tensor, border: int = 2
-) -> np.ndarray:
+def preview_grid(batch: dict[str, Any], prediction: torch.Tensor, border: int = 2) -> np.ndarray:
     """An H×W×3 uint8 grid: one row per example, the :data:`COLUMNS` left to right."""
     rows = []
     for i in range(prediction.shape[0]):

@@ -70,8 +70,13 @@ def write_train_shards(
 def tiny_train_config(shards: list[str], **overrides: object) -> dict[str, object]:
     """A worker config as ``flows.train.worker_config`` builds it, for the tiny model."""
     config: dict[str, object] = {
-        "model": {"profile": "tiny", "resolution": SIZE, "pretrained": None,
-                  "image_encoder": None, "motion_module": None},  # fmt: skip
+        "model": {
+            "profile": "tiny",
+            "resolution": SIZE,
+            "pretrained": None,
+            "image_encoder": None,
+            "motion_module": None,
+        },  # fmt: skip
         "shards": shards,
         "stage": 1,
         "steps": 4,
