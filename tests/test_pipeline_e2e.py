@@ -82,6 +82,33 @@ def test_every_stage_leaves_its_artefacts(pipeline_run):
     assert "champion" in registered["aliases"]  # the first version has no champion to beat
 
 
+def test_shard_samples_read_back_with_every_key_and_the_label_schema(pipeline_run):
+    import webdataset as wds
+
+    from durian.data.attributes import NUM_CLASSES
+    from durian.data.clip import decode_clip
+
+    project, _ = pipeline_run
+    index = {r["key"]: r for r in pq.read_table(project / "data/shards/index.parquet").to_pylist()}
+    shards = sorted(str(s) for s in (project / "data/shards").glob("*.tar"))
+    seen = set()
+    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+        assert {"frames.mp4", "parsing.npz", "landmarks.npy", "json"} <= set(sample)
+        assert "." not in sample["__key__"]
+        clip = decode_clip(sample)
+        t, h, w, _ = clip.frames.shape
+        assert (h, w) == (64, 64) and clip.parsing.shape == (t, h, w)
+        assert clip.landmarks.shape == (t, 478, 3)
+        assert clip.parsing.max() < NUM_CLASSES
+        assert (clip.parsing == 1).any()  # every sample has face skin
+        meta = clip.meta
+        assert meta["parser"]["name"] in ("landmarks", "ground_truth") and meta["parser"]["version"]
+        assert meta["split"] == index[sample["__key__"]]["split"]
+        assert meta["video_id"] == index[sample["__key__"]]["video_id"]
+        seen.add(sample["__key__"])
+    assert seen == set(index)  # nothing lost, nothing extra
+
+
 def test_mlflow_has_the_runs_and_the_registered_version(pipeline_run):
     project, _ = pipeline_run
     code = (
