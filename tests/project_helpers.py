@@ -7,7 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +52,23 @@ def project_env(project: Path) -> dict[str, str]:
         env.pop(key, None)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+def write_clip_shards(
+    directory: Path, num_shards: int, clips_per_shard: int, make_clip: Callable[[int, int], Any]
+) -> list[str]:
+    """``train-00000N.tar`` shards of ``make_clip(shard, clip)`` clips, keyed
+    ``vid<shard>_<clip:04d>`` (one identity per clip is up to ``make_clip``)."""
+    import webdataset as wds
+
+    from durian.data.clip import encode_clip
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(num_shards):
+        path = directory / f"train-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for c in range(clips_per_shard):
+                sink.write(encode_clip(f"vid{s}_{c:04d}", make_clip(s, c)))
+        paths.append(str(path))
+    return paths

@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import webdataset as wds
 
+from project_helpers import write_clip_shards
+
 from durian.data.attributes import CLASS
 from durian.data.clip import Clip, encode_clip
 
@@ -68,19 +70,13 @@ def write_shards(
     directory: Path, clips_per_shard: int, num_shards: int, size: int = 32, num_frames: int = 12
 ) -> list[str]:
     """``num_shards`` tar shards of drawn clips with keys ``vid<shard>_<clip:04d>``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(num_shards):
-        path = directory / f"train-{s:06d}.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for c in range(clips_per_shard):
-                clip = make_clip(
-                    num_frames=num_frames,
-                    size=size,
-                    categories=("hair", "glasses"),
-                    identity=f"id{s}_{c}",
-                    seed=100 * s + c,
-                )
-                sink.write(encode_clip(f"vid{s}_{c:04d}", clip))
-        paths.append(str(path))
-    return paths
+    return write_clip_shards(
+        directory, num_shards, clips_per_shard,
+        lambda s, c: make_clip(
+            num_frames=num_frames,
+            size=size,
+            categories=("hair", "glasses"),
+            identity=f"id{s}_{c}",
+            seed=100 * s + c,
+        ),
+    )

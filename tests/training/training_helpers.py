@@ -16,10 +16,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import psutil
-import webdataset as wds
+from project_helpers import write_clip_shards
 
 from durian.data.attributes import CLASS
-from durian.data.clip import Clip, encode_clip
+from durian.data.clip import Clip
 
 SIZE = 64
 
@@ -55,16 +55,10 @@ def write_train_shards(
     directory: Path, num_shards: int = 2, clips_per_shard: int = 3, num_frames: int = 8
 ) -> list[str]:
     """``train-00000N.tar`` shards of drawn clips, one identity per clip."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(num_shards):
-        path = directory / f"train-{s:06d}.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for c in range(clips_per_shard):
-                clip = drawn_clip(num_frames, identity=f"id{s}_{c}", seed=100 * s + c)
-                sink.write(encode_clip(f"vid{s}_{c:04d}", clip))
-        paths.append(str(path))
-    return paths
+    return write_clip_shards(
+        directory, num_shards, clips_per_shard,
+        lambda s, c: drawn_clip(num_frames, identity=f"id{s}_{c}", seed=100 * s + c),
+    )
 
 
 def tiny_train_config(shards: list[str], **overrides: object) -> dict[str, object]:
