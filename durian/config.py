@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # The pipeline's stages, in order (each a DVC stage and a Prefect flow ``flows.<stage>``).
 PIPELINE_STAGES: tuple[str, ...] = (
-    "sample", "ingest", "preprocess", "mask_bank", "train", "evaluate", "register",
+    "sample",
+    "ingest",
+    "preprocess",
+    "mask_bank",
+    "train",
+    "evaluate",
+    "register",
 )
 
 
@@ -68,6 +74,9 @@ class PreprocessParams(_Section):
     parser: Literal["landmarks", "bisenet"] = "landmarks"
     parser_weights: str | None = None
     trust_ground_truth: bool = True
+    # Videos with exact labels (synthetic) also go through the parser, and its per-class IoU
+    # against the truth is logged and written to data/shards/summary.json.
+    parser_check: bool = True
     runner: Literal["local", "ray"] = "local"
     workers: int = Field(2, ge=1, le=4096)
     retries: int = Field(2, ge=0, le=20)
@@ -145,6 +154,18 @@ class EvaluateParams(_Section):
     steps: int = Field(10, ge=1, le=1000)
     guidance: float = Field(1.0, ge=1.0, le=30.0)
     seed: int = 0
+    frames: int = Field(4, ge=1, le=1024)  # target frames per self-transfer case
+    # Local folder with LPIPS / FID / FVD weights (file names: durian/evaluation/perceptual.py);
+    # a metric whose files are missing is skipped with the reason logged, never faked.
+    metric_weights: str | None = None
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    # Identity similarity to the portrait: dlib (ships with face-recognition-models), arcface
+    # (a local ONNX in arcface_model, needs onnxruntime) or none.
+    identity: Literal["dlib", "arcface", "none"] = "dlib"
+    arcface_model: str | None = None
+    identity_frames: int = Field(4, ge=0)  # output frames per case embedded (dlib ~0.1 s); 0 = all
+    clip_model: str | None = None  # local CLIP vision folder: adds attr_clip_sim
+    videos: bool = True  # side-by-side MP4 per case as MLflow artifacts
 
 
 class RegisterParams(_Section):
@@ -161,9 +182,7 @@ class ScheduleParams(_Section):
 
     cron: str | None = None  # e.g. "0 2 * * *" (needs a Prefect server: `durian server`)
     interval_s: float | None = Field(None, gt=0)  # used when cron is null
-    stages: list[str] = Field(
-        default_factory=lambda: [s for s in PIPELINE_STAGES if s != "sample"]
-    )
+    stages: list[str] = Field(default_factory=lambda: [s for s in PIPELINE_STAGES if s != "sample"])
     version_data: bool = True  # dvc commit (+ push when a remote is set) after preprocess
     lock_timeout_s: float = Field(0.0, ge=0)  # wait for a running pipeline; 0 = skip this run
 
@@ -171,9 +190,7 @@ class ScheduleParams(_Section):
     def _known_stages(self) -> ScheduleParams:
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
         if unknown:
-            raise ValueError(
-                f"unknown stage(s) {unknown}; stages are {', '.join(PIPELINE_STAGES)}"
-            )
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(PIPELINE_STAGES)}")
         return self
 
 

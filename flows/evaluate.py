@@ -1,10 +1,17 @@
 """Stage ``evaluate``: self-attribute transfer on the validation split (held-out identities)
 and cross-identity transfer with exact targets on synthetic portraits (metrics ``xid_*``);
-L1/PSNR/SSIM over the whole frame, the attribute region and the identity region.
+L1/PSNR/SSIM over the whole frame, the attribute region and the identity region, temporal
+flicker, motion error, identity similarity to the portrait (``id_sim``), attribute similarity
+on the attribute crop (``attr_*_sim``), and LPIPS / FID / FVD when their weights are in
+``evaluate.metric_weights``.
+
+A metric that cannot be measured (weights missing, no face found, …) is left out of the
+numbers, never faked: its reason is logged, printed under the metrics table, tagged on the
+MLflow run (``skipped.<metric>``) and kept in ``models/evaluate.json`` (``skipped``).
 
 Writes ``metrics.json`` (a DVC metric), ``plots/metrics.json`` (per case, a DVC plot) and
 ``plots/preview.png`` (portrait | attribute | driving | output | target), and logs them to an
-MLflow run linked to the training run.
+MLflow run linked to the training run, with a side-by-side MP4 per case (``videos/``).
 """
 
 from __future__ import annotations
@@ -12,9 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import mlflow
 import numpy as np
 import torch
@@ -24,6 +35,7 @@ from prefect import flow, get_run_logger
 
 from durian.config import EvaluateParams
 from durian.data.clip import decode_clip
+from durian.evaluation.attribute import ClipImageEncoder, attribute_similarity
 from durian.evaluation.cases import (
     EvalCase,
     case_metrics,
@@ -31,12 +43,29 @@ from durian.evaluation.cases import (
     preview_row,
     self_transfer_case,
 )
+from durian.evaluation.identity import (
+    FaceEmbedder,
+    frame_subset,
+    identity_similarity,
+    make_embedder,
+)
+from durian.evaluation.perceptual import (
+    PerceptualModels,
+    frechet_distance_of,
+    i3d_features,
+    inception_features,
+    load_perceptual,
+)
+from durian.evaluation.side_by_side import side_by_side_frames
 from durian.pipelines.pipeline_durian import DurianPipeline
 from flows.common import paths, read_params, run_main, write_json
 from flows.mlflow_adapter import start_run
 from preprocessing.faces import FaceAnalyzer
 from preprocessing.shards import list_shards
 from preprocessing.synthetic.eval_cases import cross_identity_cases
+from preprocessing.video import write_video
+
+FPS = 12.0  # of the evaluation videos (the sample data's rate)
 
 
 def load_pipeline(model_dir: Path) -> DurianPipeline:
@@ -81,26 +110,189 @@ def output_landmarks(analyzer: FaceAnalyzer, frames: np.ndarray, fps: float) -> 
     return out
 
 
+@dataclass
+class Evaluators:
+    """The optional evaluators that could be set up; ``skipped`` says why each other is off."""
+
+    perceptual: PerceptualModels
+    embedder: FaceEmbedder | None = None
+    clip: ClipImageEncoder | None = None
+    video_dir: Path | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _local(path: str | None, root: Path) -> Path | None:
+    if path is None:
+        return None
+    return Path(path) if Path(path).is_absolute() else root / path
+
+
+def load_evaluators(e: EvaluateParams, root: Path, video_dir: Path | None) -> Evaluators:
+    """Load what params and the local files allow; never downloads anything."""
+    perceptual = load_perceptual(_local(e.metric_weights, root), e.lpips_net)
+    ev = Evaluators(perceptual=perceptual, video_dir=video_dir, skipped=dict(perceptual.skipped))
+    if e.identity == "none":
+        ev.skipped["id_sim"] = "evaluate.identity is none"
+    else:
+        try:
+            ev.embedder = make_embedder(e.identity, _local(e.arcface_model, root))
+        except Exception as err:  # noqa: BLE001 - a missing optional model only skips its metric
+            ev.skipped["id_sim"] = f"{e.identity} face embedder unavailable: {err}"
+    if e.clip_model is None:
+        ev.skipped["attr_clip_sim"] = "evaluate.clip_model is not set (no local CLIP folder)"
+    else:
+        try:
+            ev.clip = ClipImageEncoder(_local(e.clip_model, root))
+        except Exception as err:  # noqa: BLE001
+            ev.skipped["attr_clip_sim"] = f"CLIP image encoder unavailable: {err}"
+    return ev
+
+
+def _fit(frames: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Frames (or masks) at the output's size, as the region metrics compare them."""
+    if frames.shape[1:3] == size:
+        return frames
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    return np.stack([cv2.resize(f, (size[1], size[0]), interpolation=interp) for f in frames])
+
+
+@dataclass
+class SetFeatures:
+    """Per-set features for FID (frames) and FVD (videos), output and target side."""
+
+    fid: tuple[list[np.ndarray], list[np.ndarray]] = field(default_factory=lambda: ([], []))
+    fvd: tuple[list[np.ndarray], list[np.ndarray]] = field(default_factory=lambda: ([], []))
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def optional_case_metrics(
+    case: EvalCase,
+    output: np.ndarray,
+    ev: Evaluators,
+    e: EvaluateParams,
+    feats: SetFeatures,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Identity, attribute and LPIPS metrics of one case (and its FID/FVD features): the
+    values, and for each value that is nan, why."""
+    out: dict[str, float] = {}
+    why: dict[str, str] = {}
+    size = output.shape[1:3]
+    target = _fit(case.target, size)
+    masks = _fit(case.target_attribute_mask.astype(np.uint8), size, nearest=True).astype(bool)
+    if ev.embedder is not None:
+        frames = output[frame_subset(len(output), e.identity_frames)]
+        out["id_sim"], reason = identity_similarity(
+            ev.embedder, ev.embedder.embed(case.portrait), frames
+        )
+        if reason:
+            why["id_sim"] = reason
+    out |= attribute_similarity(output, masks, case.attribute, case.attribute_mask, ev.clip)
+    for k in ("attr_hist_sim", "attr_crop_ssim", "attr_clip_sim"):
+        if k in out and math.isnan(out[k]):
+            why[k] = "empty attribute mask (reference or target)"
+    p = ev.perceptual
+    if p.lpips is not None:
+        out["lpips"] = float(np.mean(p.lpips.distance(output, target)))
+    if p.inception is not None:
+        feats.fid[0].append(inception_features(p.inception, output))
+        feats.fid[1].append(inception_features(p.inception, target))
+    if p.i3d is not None and "fvd" not in feats.failed:
+        try:
+            o, t = i3d_features(p.i3d, [output]), i3d_features(p.i3d, [target])
+            feats.fvd[0].append(o)
+            feats.fvd[1].append(t)
+        except Exception as err:  # noqa: BLE001 - e.g. clips too short for I3D's pooling
+            feats.failed["fvd"] = f"I3D failed on a {len(output)}-frame clip: {err}"
+    return out, why
+
+
+def set_metrics(feats: SetFeatures, ev: Evaluators) -> tuple[dict[str, float], dict[str, str]]:
+    """FID over all frames and FVD over all videos of a set, or why each could not be had."""
+    out: dict[str, float] = {}
+    why = dict(feats.failed)
+    for name, enabled, (gen, real), unit in (
+        ("fid", ev.perceptual.inception is not None, feats.fid, "frames"),
+        ("fvd", ev.perceptual.i3d is not None, feats.fvd, "videos"),
+    ):
+        if not enabled or name in why:
+            continue
+        gen_f = np.concatenate(gen) if gen else np.empty((0, 0))
+        real_f = np.concatenate(real) if real else np.empty((0, 0))
+        if len(gen_f) < 2:
+            why[name] = f"needs at least 2 {unit}, the set has {len(gen_f)}"
+            continue
+        out[name] = frechet_distance_of(gen_f, real_f)
+    return out, why
+
+
 def run_cases(
-    pipe: DurianPipeline, cases: list[EvalCase], e: EvaluateParams, kind: str,
+    pipe: DurianPipeline,
+    cases: list[EvalCase],
+    e: EvaluateParams,
+    kind: str,
     analyzer: FaceAnalyzer,
-) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    ev: Evaluators,
+) -> tuple[list[dict[str, Any]], list[np.ndarray], dict[str, float], dict[str, list[str]]]:
     """Animate every case; per-case metrics (motion error from landmarks detected on the output
-    by mediapipe, as on the driving video) and preview rows."""
+    by mediapipe, as on the driving video), preview rows, the set's FID/FVD, and per metric
+    the reasons it could not be measured (one per case or set that lacks it). Writes a
+    side-by-side MP4 per case into ``ev.video_dir``."""
     per_case, rows = [], []
+    feats = SetFeatures()
+    reasons: dict[str, list[str]] = {}
     for i, case in enumerate(cases):
         generator = torch.Generator().manual_seed(e.seed + i)
         output = pipe(
-            case.portrait, case.portrait_mask, case.attribute, case.attribute_mask,
-            case.keypoints, num_inference_steps=e.steps, guidance_scale=e.guidance,
-            generator=generator, window=None,
+            case.portrait,
+            case.portrait_mask,
+            case.attribute,
+            case.attribute_mask,
+            case.keypoints,
+            num_inference_steps=e.steps,
+            guidance_scale=e.guidance,
+            generator=generator,
+            window=None,
         ).frames
-        motion = motion_error(case, output_landmarks(analyzer, output, 12.0), output.shape[1])
-        per_case.append({"case": len(per_case), "set": kind, "key": case.key,
-                         "category": case.category, **case_metrics(case, output),
-                         "motion_error": motion})
+        motion = motion_error(case, output_landmarks(analyzer, output, FPS), output.shape[1])
+        extra, why = optional_case_metrics(case, output, ev, e, feats)
+        for k, r in why.items():
+            reasons.setdefault(k, []).append(r)
+        per_case.append(
+            {
+                "case": len(per_case),
+                "set": kind,
+                "key": case.key,
+                "category": case.category,
+                **case_metrics(case, output),
+                "motion_error": motion,
+                **extra,
+            }
+        )
         rows.append(preview_row(case, output))
-    return per_case, rows
+        if ev.video_dir is not None:
+            write_video(
+                ev.video_dir / f"{kind}_{i:03d}_{case.key}.mp4",
+                side_by_side_frames(case, output),
+                FPS,
+            )
+    set_values, set_why = set_metrics(feats, ev)
+    for k, r in set_why.items():
+        reasons.setdefault(k, []).append(r)
+    return per_case, rows, set_values, reasons
+
+
+def skip_reasons(
+    measured: dict[str, float], reasons: dict[str, list[str]], prefix: str = ""
+) -> dict[str, str]:
+    """Why each metric missing from ``measured`` is missing: its distinct reasons with counts."""
+    out = {}
+    for k, rs in reasons.items():
+        if k in measured:
+            continue
+        out[f"{prefix}{k}"] = "; ".join(
+            f"{r} ({n} cases)" if n > 1 else r for r, n in Counter(rs).items()
+        )
+    return out
 
 
 def mean_metrics(per_case: list[dict[str, Any]]) -> dict[str, float]:
@@ -119,6 +311,13 @@ def mean_metrics(per_case: list[dict[str, Any]]) -> dict[str, float]:
     return means
 
 
+def metrics_table(metrics: dict[str, float], skipped: dict[str, str]) -> str:
+    """The printed table: every number, then every skipped metric with its reason."""
+    lines = [f"  {k:<20} {v:.4f}" for k, v in metrics.items()]
+    lines += [f"  {k:<20} skipped: {r}" for k, r in sorted(skipped.items())]
+    return "\n".join(lines)
+
+
 @flow(name="evaluate")
 def evaluate_flow() -> dict[str, float]:
     log = get_run_logger()
@@ -131,42 +330,68 @@ def evaluate_flow() -> dict[str, float]:
         # A tiny sample can put every identity in train; say so rather than pretend.
         split, shards = "train", list_shards(p.shards, split="train")
         log.warning("evaluate: no validation shards; evaluating on train (not held out)")
-    cases = evaluation_cases(shards, e.num_cases, frames=4)
+    cases = evaluation_cases(shards, e.num_cases, frames=e.frames)
     if not cases:
         raise ValueError(f"no evaluation case with an attribute in {len(shards)} {split} shards")
     pipe = load_pipeline(p.model)
     xid_cases = cross_identity_cases(
         e.cross_identity_cases, params.preprocess.resolution, params.preprocess.margin, e.seed
     )
-    with FaceAnalyzer() as analyzer:
-        per_case, rows = run_cases(pipe, cases, e, "self", analyzer)
-        xid_per_case, xid_rows = run_cases(pipe, xid_cases, e, "xid", analyzer)
-    metrics = mean_metrics(per_case)
-    metrics |= {f"xid_{k}": v for k, v in mean_metrics(xid_per_case).items()}
-    metrics |= {"num_cases": len(cases), "num_xid_cases": len(xid_cases)}
-    if "motion_error" not in metrics:
-        log.warning("evaluate: no face found in any output: motion_error is missing")
-    per_case += xid_per_case
-    write_json(p.metrics, metrics)
-    write_json(p.plots / "metrics.json", {"cases": per_case})
-    p.plots.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows + xid_rows, axis=0)).save(p.plots / "preview.png")
+    with tempfile.TemporaryDirectory(prefix="durian-eval-") as tmp:
+        video_dir = Path(tmp) / "videos" if e.videos else None
+        ev = load_evaluators(e, p.root, video_dir)
+        with FaceAnalyzer() as analyzer:
+            per_case, rows, set_values, reasons = run_cases(pipe, cases, e, "self", analyzer, ev)
+            xid_per_case, xid_rows, xid_set_values, xid_reasons = run_cases(
+                pipe, xid_cases, e, "xid", analyzer, ev
+            )
+        self_means = mean_metrics(per_case) | set_values
+        xid_means = mean_metrics(xid_per_case) | xid_set_values
+        metrics = dict(self_means)
+        metrics |= {f"xid_{k}": v for k, v in xid_means.items()}
+        metrics |= {"num_cases": len(cases), "num_xid_cases": len(xid_cases)}
+        # Skips: the metrics nothing could compute, then per set those no case could measure.
+        skipped = dict(ev.skipped)
+        skipped |= skip_reasons(self_means, reasons)
+        if xid_cases:
+            skipped |= skip_reasons(xid_means, xid_reasons, prefix="xid_")
+        for prefix, means, n in (("", self_means, len(cases)), ("xid_", xid_means, len(xid_cases))):
+            if n and "motion_error" not in means:
+                skipped[f"{prefix}motion_error"] = "mediapipe found no face in any output frame"
+        for k, r in sorted(skipped.items()):
+            log.warning("evaluate: %s skipped: %s", k, r)
+        per_case += xid_per_case
+        write_json(p.metrics, metrics)
+        write_json(p.plots / "metrics.json", {"cases": per_case})
+        p.plots.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate(rows + xid_rows, axis=0)).save(p.plots / "preview.png")
 
-    train_run = None
-    if p.train_info.exists():
-        train_run = json.loads(p.train_info.read_text()).get("mlflow_run_id")
-    tags = {"stage": "evaluate", "eval_split": split}
-    if train_run:
-        tags["training_run_id"] = train_run
-    with start_run("evaluate", tags=tags) as run:
-        mlflow.log_params({**e.model_dump(), "eval_set_hash": content_hash(cases + xid_cases),
-                           "split": split})
-        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
-        mlflow.log_artifact(str(p.plots / "preview.png"))
-        mlflow.log_artifact(str(p.plots / "metrics.json"))
-    table = "\n".join(f"  {k:<12} {v:.4f}" for k, v in metrics.items())
-    log.info("evaluate (%s, %d cases, run %s):\n%s", split, len(cases), run.info.run_id, table)
-    write_json(p.root / "models" / "evaluate.json", {"mlflow_run_id": run.info.run_id})
+        train_run = None
+        if p.train_info.exists():
+            train_run = json.loads(p.train_info.read_text()).get("mlflow_run_id")
+        tags = {"stage": "evaluate", "eval_split": split}
+        tags |= {f"skipped.{k}": r for k, r in skipped.items()}
+        if train_run:
+            tags["training_run_id"] = train_run
+        with start_run("evaluate", tags=tags) as run:
+            mlflow.log_params(
+                {**e.model_dump(), "eval_set_hash": content_hash(cases + xid_cases), "split": split}
+            )
+            mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+            mlflow.log_artifact(str(p.plots / "preview.png"))
+            mlflow.log_artifact(str(p.plots / "metrics.json"))
+            if video_dir is not None and video_dir.is_dir():
+                mlflow.log_artifacts(str(video_dir), artifact_path="videos")
+    log.info(
+        "evaluate (%s, %d cases, run %s):\n%s",
+        split,
+        len(cases),
+        run.info.run_id,
+        metrics_table(metrics, skipped),
+    )
+    write_json(
+        p.root / "models" / "evaluate.json", {"mlflow_run_id": run.info.run_id, "skipped": skipped}
+    )
     return metrics
 
 

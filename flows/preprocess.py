@@ -57,7 +57,7 @@ from preprocessing.incremental import (
     write_state,
 )
 from preprocessing.ingest import read_parquet, write_parquet
-from preprocessing.parsing import load_parser
+from preprocessing.parsing import load_parser, parser_agreement, summarize_agreement
 from preprocessing.process import process_clip
 from preprocessing.shards import ShardWriter, assign_split, clean_partial_shards, read_index
 from preprocessing.shards import write_index as write_shard_index
@@ -68,7 +68,9 @@ REJECTED_SCHEMA = pa.schema(
      ("reason", pa.string()), ("detail", pa.string())]
 )
 # cfg keys that do not change a sample: left out of the fingerprint and the task cache key.
-NOT_IN_FINGERPRINT = frozenset({"runner", "workers", "retries", "ray_address", "incremental"})
+NOT_IN_FINGERPRINT = frozenset(
+    {"runner", "workers", "retries", "ray_address", "incremental", "parser_check"}
+)
 CODE = [clip_lib.__file__, masks_lib.__file__, faces_lib.__file__, parsing_lib.__file__,
         process_lib.__file__, video_lib.__file__, shards_lib.__file__]
 
@@ -87,8 +89,9 @@ def ground_truth_for(video: str, source_indices: np.ndarray, shape: tuple[int, i
 
 
 def process_video(clips: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, list]:
-    """All clips of one video → encoded samples and rejections (plain data, picklable)."""
-    samples, rejected = [], []
+    """All clips of one video → encoded samples, rejections and, for clips with exact labels
+    and ``parser_check``, the parser's per-class IoU against them (plain data, picklable)."""
+    samples, rejected, agreement = [], [], []
     with contextlib.ExitStack() as stack:
         parser = load_parser(cfg["parser"], cfg["parser_weights"])
         if hasattr(parser, "__exit__"):  # mediapipe-backed parsers hold native resources
@@ -111,6 +114,10 @@ def process_video(clips: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str,
             except (ClipRejected, VideoError) as err:
                 rejected.append({**base, "reason": err.reason, "detail": str(err)})
                 continue
+            if gt is not None and cfg.get("parser_check"):
+                predicted = parser.parse(out.frames, out.landmarks)
+                agreement.append({**base, "parser": parser.name,
+                                  "iou": parser_agreement(predicted, out.parsing)})
             split = assign_split(clip["video_id"], cfg["val_fraction"], cfg["seed"])
             meta = {
                 "source_video": clip["path"],
@@ -127,7 +134,7 @@ def process_video(clips: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str,
                 clip["clip_id"], Clip(out.frames, out.parsing, out.landmarks, meta), crf=cfg["crf"]
             )
             samples.append({"split": split, "sample": sample})
-    return {"samples": samples, "rejected": rejected}
+    return {"samples": samples, "rejected": rejected, "agreement": agreement}
 
 
 def preprocess_fingerprint(cfg: dict[str, Any]) -> str:
@@ -216,8 +223,10 @@ class IncrementalShards:
         self.duplicates_dropped = 0
         self.new_shards: list[str] = []
         self.new_rejected: list[dict] = []
+        self.agreement: list[dict] = []  # parser vs exact labels, clips of this run
 
     def add(self, result: dict[str, list]) -> None:
+        self.agreement.extend(result.get("agreement", []))
         for row in result["rejected"]:
             if row["clip_id"] not in self.rejected:
                 self.rejected[row["clip_id"]] = row
@@ -336,6 +345,10 @@ def preprocess_flow() -> dict[str, Any]:
     summary = preprocess_summary(shards, n_videos, len(groups), failed)
     write_json(p.shards / "summary.json", summary)
     log.info("preprocess: %s", summary)
+    if (check := summary["parser_agreement"]) is not None:
+        log.info("preprocess: parser %s vs exact labels on %d clips: mIoU %.3f; per class %s",
+                 check["parser"], check["clips"], check["miou"],
+                 ", ".join(f"{c} {v:.3f}" for c, v in check["iou"].items()))
     print(f"preprocess: {summary['videos_processed']} videos processed, "
           f"{summary['videos_skipped']} skipped (done), {summary['videos_failed']} failed; "
           f"+{summary['samples_added']} samples in {summary['shards_added']} new shards, "
@@ -347,6 +360,10 @@ def preprocess_flow() -> dict[str, Any]:
 def preprocess_summary(shards: IncrementalShards, n_videos: int, n_todo: int,
                        failed: dict[str, str]) -> dict[str, Any]:
     by_split = Counter(r["split"] for r in shards.index)
+    agreement = None
+    if shards.agreement:  # this run's clips with exact labels, when parser_check is on
+        agreement = {"parser": shards.agreement[0]["parser"],
+                     **summarize_agreement([row["iou"] for row in shards.agreement])}
     return {
         "videos_processed": n_todo - len(failed),
         "videos_skipped": n_videos - n_todo,
@@ -362,6 +379,7 @@ def preprocess_summary(shards: IncrementalShards, n_videos: int, n_todo: int,
         "rejected": len(shards.rejected),
         "shards": len({r["shard"] for r in shards.index}),
         **{f"split_{k}": v for k, v in sorted(by_split.items())},
+        "parser_agreement": agreement,
     }
 
 

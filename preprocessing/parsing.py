@@ -18,7 +18,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -357,6 +357,19 @@ def load_parser(name: str, weights: str | os.PathLike | None = None) -> FacePars
             )
         return TorchScriptParser(weights, name="bisenet")
     raise ValueError(f"unknown face parser {name!r} (known: landmarks, bisenet)")
+
+
+def summarize_agreement(per_clip: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """Per-class IoU of many clips (:func:`parser_agreement` results) → ``{"clips": n,
+    "iou": {class: mean over the clips that show it}, "miou": mean of those}``."""
+    classes = sorted({c for row in per_clip for c in row}, key=lambda c: CLASS[c])
+    iou = {}
+    for c in classes:
+        values = [row[c] for row in per_clip if c in row and np.isfinite(row[c])]
+        if values:
+            iou[c] = float(np.mean(values))
+    miou = float(np.mean(list(iou.values()))) if iou else float("nan")
+    return {"clips": len(per_clip), "iou": iou, "miou": miou}
 
 
 def parser_agreement(

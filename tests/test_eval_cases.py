@@ -49,3 +49,34 @@ def test_motion_error_is_zero_on_the_driving_landmarks_and_scales_with_output_si
     shifted = case.driving_landmarks.copy()
     shifted[..., 0] += 1.0
     assert 0 < motion_error(case, shifted, 64) < 1
+
+
+def test_copy_paste_baseline_pastes_the_attribute_where_the_target_has_it():
+    from dataclasses import replace
+
+    from durian.evaluation.baselines import copy_paste_transfer
+
+    case = cross_identity_cases(4, size=64, margin=0.6, seed=0, n_frames=4, source_size=96)[2]
+    assert case.category == "hat"
+    out = copy_paste_transfer(case)
+    assert out.shape == case.target.shape and out.dtype == np.uint8
+    portrait_only = np.repeat(case.portrait[None], len(case.target), axis=0)
+    pasted, plain = case_metrics(case, out), case_metrics(case, portrait_only)
+    assert pasted["psnr_attr"] > plain["psnr_attr"] + 3  # the hat is where the target has it
+    # Nothing to move: with the driving landmarks equal to the portrait's, the portrait comes
+    # back unchanged wherever no attribute pixel is pasted.
+    still = replace(case, driving_landmarks=case.portrait_landmarks[None])
+    frame = copy_paste_transfer(still)[0].astype(int)
+    moved = cv2_warp_mask(case)
+    assert moved.any()
+    assert np.abs(frame - case.portrait.astype(int))[~moved].max() <= 1
+
+
+def cv2_warp_mask(case) -> np.ndarray:
+    """The attribute mask moved onto the portrait, dilated by 2 px (the paste is bilinear)."""
+    import cv2
+
+    from durian.data.masks import align_mask
+
+    m = align_mask(case.attribute_mask, case.attribute_landmarks, case.portrait_landmarks, (64, 64))
+    return cv2.dilate(m.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)

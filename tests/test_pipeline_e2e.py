@@ -25,11 +25,13 @@ PARAMS = {
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -126,6 +128,30 @@ def test_mlflow_has_the_runs_and_the_registered_version(pipeline_run):
     assert {"train", "evaluate", "register"} <= set(out["runs"])
     assert out["decision"] == "promoted"
     assert out["loss_steps"] >= 2
+
+
+def test_evaluation_reports_skips_and_logs_side_by_side_videos(pipeline_run):
+    project, repro = pipeline_run
+    metrics = json.loads((project / "metrics.json").read_text())
+    for key in ("attr_hist_sim", "attr_crop_ssim", "xid_attr_hist_sim"):
+        assert 0.0 <= metrics[key] <= 1.0
+    # no metric_weights folder in the default params: skipped with the reason, not a number
+    skipped = json.loads((project / "models/evaluate.json").read_text())["skipped"]
+    for key in ("lpips", "fid", "fvd", "attr_clip_sim"):
+        assert key not in metrics and "not set" in skipped[key]
+    assert ("id_sim" in metrics) != ("id_sim" in skipped)  # measured, or said why not
+    code = (
+        "import mlflow, json; from mlflow import MlflowClient;"
+        f"mlflow.set_tracking_uri('sqlite:///{project / 'mlflow.db'}'); c = MlflowClient();"
+        "exp = c.get_experiment_by_name('durian');"
+        "r = [r for r in c.search_runs([exp.experiment_id]) if r.info.run_name == 'evaluate'][0];"
+        "print(json.dumps({'tags': r.data.tags,"
+        " 'videos': [a.path for a in c.list_artifacts(r.info.run_id, 'videos')]}))"
+    )
+    out = json.loads(run(["python", "-c", code], project).stdout.strip().splitlines()[-1])
+    assert out["tags"]["skipped.fid"] == skipped["fid"]
+    n_cases = PARAMS["evaluate"]["num_cases"] + PARAMS["evaluate"]["cross_identity_cases"]
+    assert len(out["videos"]) == n_cases and all(v.endswith(".mp4") for v in out["videos"])
 
 
 def test_dvc_is_clean_and_repro_again_does_nothing(pipeline_run):

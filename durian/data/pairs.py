@@ -88,6 +88,10 @@ class PairConfig:
     saturation: float = 0.2
     hue: float = 0.02
     keypoint_thickness: int = 1
+    # Complementary masking. False is the paper's shortcut ablation ("w/o mask"): both
+    # references are the whole frames and carry no mask (identity mask all 0, attribute mask
+    # all 1), so the model can copy-paste; only benchmarks/learns_transfer.py turns it off.
+    mask_references: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.resolution, int):
@@ -260,6 +264,8 @@ def make_example(
     target_lms = _scale_landmarks(clip.landmarks[list(choice.target)], src, size)
     keypoints = render_keypoint_sequence(target_lms, size, cfg.keypoint_thickness)
     drop_identity, drop_attribute = sample_drops(cfg, rng)
+    if not cfg.mask_references:
+        mask_p, mask_a = np.zeros_like(mask_p), np.ones_like(mask_a)
     return {
         "target": targets,
         "identity_ref": apply_mask(img_p, ~mask_p),

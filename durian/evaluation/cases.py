@@ -36,6 +36,8 @@ class EvalCase:
     target: np.ndarray  # (F, H, W, 3) uint8 ground truth
     target_attribute_mask: np.ndarray  # (F, H, W) bool: attribute region of each target
     driving_landmarks: np.ndarray  # (F, 478, 3) the landmarks the keypoints were drawn from
+    portrait_landmarks: np.ndarray  # (478, 3)
+    attribute_landmarks: np.ndarray  # (478, 3)
 
 
 def make_eval_case(
@@ -65,6 +67,8 @@ def make_eval_case(
         target=t_frames,
         target_attribute_mask=np.stack([attribute_mask(lab, category) for lab in t_labels]),
         driving_landmarks=np.asarray(t_lm, dtype=np.float32),
+        portrait_landmarks=np.asarray(p_lm, dtype=np.float32),
+        attribute_landmarks=np.asarray(a_lm, dtype=np.float32),
     )
 
 

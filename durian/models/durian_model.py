@@ -22,6 +22,17 @@ without one (tiny profile) **pixel space**: the "latent" is the image in [-1, 1]
 ``pixel_unshuffle(pixel_downscale)`` — lossless and untrained, it only keeps token counts small
 (64 px → 48 × 16 × 16). No pretrained VAE exists offline, so this is the honest choice.
 
+Parameterisation: ``prediction_type`` is what DNet predicts, ``epsilon`` (the paper, SD 1.5)
+or ``v_prediction`` (the tiny pixel-space profile: a 4×4×3 pixel patch is 48 channels, more than
+the tiny U-Net's 32, so ε — which at high noise is the input passed through — cannot be
+represented; v can). Trainer and pipeline take the scheduler's parameterisation from here.
+
+Ablation ``shared_reference_net=True`` (the paper's "one shared ReferenceNet on a
+channel-concatenated input", method note §2): a single reference U-Net, held as ``arnet``
+(``prnet`` is None), reads the identity and attribute inputs concatenated along channels and
+cross-attends to both token sets; its features form one reference stream in DNet, dropped when
+either reference is dropped. One attribute only (no composition or interpolation).
+
 Reference nets run at timestep 0 and once per generation; only their recorded self-attention
 inputs are used (their U-Net output is discarded). Reference mask channel: the mask, resized to
 the latent size by area averaging, concatenated after the latent (``in_channels`` = latent + 1).
@@ -123,8 +134,14 @@ class DurianModel(ModelMixin, ConfigMixin):
         keypoint_guider_channels: tuple[int, ...] = (16, 32, 96, 256),
         train_image_encoder: bool = False,
         temporal_config: dict[str, Any] | None = None,
+        shared_reference_net: bool = False,
+        prediction_type: str = "epsilon",
     ) -> None:
         super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}"
+            )
         unet_cfg = _clean_config(unet_config)
         if vae_config is not None:
             self.vae = AutoencoderKL.from_config(_clean_config(vae_config))
@@ -141,9 +158,15 @@ class DurianModel(ModelMixin, ConfigMixin):
             )
         cross_dim = unet_cfg["cross_attention_dim"]
         self.dnet = UNet2DConditionModel.from_config(unet_cfg)
-        reference_cfg = {**unet_cfg, "in_channels": latent_channels + 1}  # + mask channel
-        self.arnet = UNet2DConditionModel.from_config(reference_cfg)
-        self.prnet = UNet2DConditionModel.from_config(reference_cfg)
+        reference_in = latent_channels + 1  # + mask channel
+        if shared_reference_net:  # ablation: identity ‖ attribute inputs, one net
+            reference_cfg = {**unet_cfg, "in_channels": 2 * reference_in}
+            self.arnet = UNet2DConditionModel.from_config(reference_cfg)
+            self.prnet = None
+        else:
+            reference_cfg = {**unet_cfg, "in_channels": reference_in}
+            self.arnet = UNet2DConditionModel.from_config(reference_cfg)
+            self.prnet = UNet2DConditionModel.from_config(reference_cfg)
         self.image_encoder = ImageEmbedder(image_encoder_config, cross_dim)
         self.identity_projector = IdentityProjector(
             identity_embed_dim or self.image_encoder.embed_dim, cross_dim, identity_tokens
@@ -178,12 +201,17 @@ class DurianModel(ModelMixin, ConfigMixin):
 
         return build_model(profile, **overrides)
 
+    @property
+    def reference_nets(self) -> list[UNet2DConditionModel]:
+        """ARNet and PRNet (one net with ``shared_reference_net``)."""
+        return [n for n in (self.arnet, self.prnet) if n is not None]
+
     def _install_processors(self) -> None:
         self._bank: dict[str, torch.Tensor] = {}
         self.fusion = FusionState()
         names = list(self.dnet.attn_processors)
         self.reference_names = self_attention_names(names)
-        for net in (self.arnet, self.prnet):
+        for net in self.reference_nets:
             if list(net.attn_processors) != names:
                 raise ValueError("reference nets and DNet must share one structure")
             net.set_attn_processor(
@@ -245,7 +273,7 @@ class DurianModel(ModelMixin, ConfigMixin):
         """Stage 1: ARNet, PRNet (less their unused tail), DNet, keypoint guider, encoders'
         trainable parts. Stage 2: the temporal module only."""
         if stage == 1:
-            params = self._reference_trainable(self.arnet) + self._reference_trainable(self.prnet)
+            params = [p for net in self.reference_nets for p in self._reference_trainable(net)]
             params += list(self.dnet.parameters()) + list(self.keypoint_guider.parameters())
             params += list(self.identity_projector.parameters())
             params += list(self.image_encoder.proj.parameters())
@@ -270,11 +298,11 @@ class DurianModel(ModelMixin, ConfigMixin):
             self._temporal_hooks.enabled = stage == 2
 
     def enable_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
-        for net in (self.arnet, self.prnet, self.dnet):
+        for net in (*self.reference_nets, self.dnet):
             net.enable_gradient_checkpointing()
 
     def disable_gradient_checkpointing(self) -> None:
-        for net in (self.arnet, self.prnet, self.dnet):
+        for net in (*self.reference_nets, self.dnet):
             net.disable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ latent space
@@ -324,6 +352,9 @@ class DurianModel(ModelMixin, ConfigMixin):
     ) -> References:
         """One PRNet and one ARNet call for every attribute image of every branch."""
         images, masks = _as_branches(attribute_ref), _as_branches(attribute_mask)
+        if self.config.shared_reference_net:
+            return self._encode_shared(identity_ref, identity_mask, images, masks,
+                                       identity_embedding)
         b = identity_ref.shape[0]
         sizes = [x.shape[1] for x in images]
         flat_images = torch.cat([x.flatten(0, 1) for x in images])  # (b, n) batch-major
@@ -346,6 +377,35 @@ class DurianModel(ModelMixin, ConfigMixin):
             self.prnet, self._reference_input(identity_ref, identity_mask), id_tokens
         )
         return References(portrait, attributes, embeddings)
+
+    def _encode_shared(
+        self,
+        identity_ref: torch.Tensor,
+        identity_mask: torch.Tensor,
+        images: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        identity_embedding: torch.Tensor | None,
+    ) -> References:
+        """The shared-ReferenceNet ablation: one call on the channel-concatenated inputs; its
+        features go in ``portrait`` and no attribute stream exists."""
+        if len(images) != 1 or images[0].shape[1] != 1:
+            raise ValueError("a shared ReferenceNet takes exactly one attribute image")
+        attr_img, attr_mask = images[0][:, 0], masks[0][:, 0]
+        attr_tokens = self.image_encoder(attr_img)
+        if identity_embedding is None:
+            identity_embedding = self.image_encoder.embed(identity_ref)
+        id_tokens = self.identity_projector(identity_embedding.to(self.dtype))
+        inputs = torch.cat(
+            [
+                self._reference_input(identity_ref, identity_mask),
+                self._reference_input(attr_img, attr_mask),
+            ],
+            dim=1,
+        )
+        feats = self._run_reference_net(
+            self.arnet, inputs, torch.cat([attr_tokens, id_tokens], dim=1)
+        )
+        return References(feats, [], [attr_tokens])
 
     def encode_keypoints(self, keypoints: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) rendered landmarks in [0, 1] → features added after DNet's conv_in."""
@@ -384,7 +444,7 @@ class DurianModel(ModelMixin, ConfigMixin):
             alpha_t = alpha_t.expand(bf) if alpha_t.ndim == 0 else alpha_t
             if alpha_t.shape != (bf,):
                 raise ValueError(f"alpha must be a scalar or have {bf} entries")
-        elif n_branches != 1:
+        elif n_branches != 1 and not (n_branches == 0 and self.config.shared_reference_net):
             raise ValueError("one attribute branch, or two for interpolation")
 
         # Cross-attention context φ_attr per frame (interpolated like the attention outputs).
@@ -404,6 +464,9 @@ class DurianModel(ModelMixin, ConfigMixin):
         self.fusion.num_frames = num_frames
         self.fusion.portrait = references.portrait
         self.fusion.attributes = references.attributes
+        if self.config.shared_reference_net and keep_attribute is not None:
+            # One stream carries both references: gone when either is dropped.
+            keep_identity = keep_attribute if keep_identity is None else keep_identity & keep_attribute
         self.fusion.keep_identity = keep_identity
         self.fusion.keep_attribute = keep_attribute
         self.fusion.alpha = alpha_t

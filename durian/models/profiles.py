@@ -14,6 +14,7 @@ API::
               resolution=512, **overrides) -> DurianModel
     load_unet_weights(target: UNet2DConditionModel, state_dict) -> None   # widens conv_in
     make_noise_scheduler(kind="ddpm" | "ddim", **overrides) -> DDPMScheduler | DDIMScheduler
+    noise_scheduler_for(model, kind="ddpm")   # with the model's prediction_type
 """
 
 from __future__ import annotations
@@ -85,14 +86,17 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def tiny_config(resolution: int = 64, pixel_downscale: int = 4) -> dict[str, Any]:
+def tiny_config(
+    resolution: int = 64, pixel_downscale: int = 4, widths: tuple[int, int] = (32, 64)
+) -> dict[str, Any]:
+    """The tiny profile; ``widths`` are the two U-Net levels' channels (multiples of 8)."""
     latent = resolution // pixel_downscale
     channels = 3 * pixel_downscale**2
     unet = {
         "sample_size": latent,
         "in_channels": channels,
         "out_channels": channels,
-        "block_out_channels": [32, 64],
+        "block_out_channels": list(widths),
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
         "layers_per_block": 1,
@@ -123,6 +127,7 @@ def tiny_config(resolution: int = 64, pixel_downscale: int = 4) -> dict[str, Any
         "identity_tokens": 2,
         "keypoint_guider_channels": guider,
         "train_image_encoder": True,
+        "prediction_type": "v_prediction",  # see DurianModel: ε cannot pass the 48→32 channels
     }
 
 
@@ -141,10 +146,15 @@ def sd15_config(resolution: int = 512) -> dict[str, Any]:
 def build_model(profile: str, **overrides: Any) -> DurianModel:
     """A randomly initialised model of a profile; ``overrides`` replace config entries.
 
-    ``resolution`` (and for tiny ``pixel_downscale``) are read first to size the profile.
+    ``resolution`` (and for tiny ``pixel_downscale`` and ``widths``) are read first to size the
+    profile.
     """
     if profile == "tiny":
-        cfg = tiny_config(overrides.pop("resolution", 64), overrides.pop("pixel_downscale", 4))
+        cfg = tiny_config(
+            overrides.pop("resolution", 64),
+            overrides.pop("pixel_downscale", 4),
+            tuple(overrides.pop("widths", (32, 64))),
+        )
     elif profile == "sd15":
         cfg = sd15_config(overrides.pop("resolution", 512))
     else:
@@ -194,7 +204,7 @@ def load_sd15(
     cfg.update(overrides)
     model = DurianModel(**cfg)
     state = base.state_dict()
-    for net in (model.dnet, model.arnet, model.prnet):
+    for net in (model.dnet, *model.reference_nets):
         load_unet_weights(net, state)
     model.vae.load_state_dict(vae.state_dict())
     if clip is not None:
@@ -206,7 +216,8 @@ def load_sd15(
 
 
 def make_noise_scheduler(kind: str = "ddpm", **overrides: Any) -> DDPMScheduler | DDIMScheduler:
-    """SD 1.5's noise schedule (ε-prediction) for training (``ddpm``) or sampling (``ddim``)."""
+    """SD 1.5's noise schedule (ε-prediction unless overridden) for training (``ddpm``) or
+    sampling (``ddim``). For a given model use :func:`noise_scheduler_for`."""
     cfg = {**SD15_SCHEDULER_CONFIG, **overrides}
     if kind == "ddpm":
         cfg.pop("set_alpha_to_one", None)
@@ -214,3 +225,8 @@ def make_noise_scheduler(kind: str = "ddpm", **overrides: Any) -> DDPMScheduler 
     if kind == "ddim":
         return DDIMScheduler(**cfg)
     raise ValueError(f"unknown scheduler kind {kind!r}: ddpm or ddim")
+
+
+def noise_scheduler_for(model: DurianModel, kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
+    """SD 1.5's schedule with the model's own parameterisation (``prediction_type``)."""
+    return make_noise_scheduler(kind, prediction_type=model.config.prediction_type)

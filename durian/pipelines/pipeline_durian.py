@@ -131,6 +131,11 @@ class DurianPipeline(DiffusionPipeline):
 
     def __init__(self, model: DurianModel, scheduler: DDIMScheduler) -> None:
         super().__init__()
+        wanted = model.config.prediction_type
+        if scheduler.config.prediction_type != wanted:
+            # The model fixes what it predicts; a scheduler built for another parameterisation
+            # would turn its outputs into noise.
+            scheduler = scheduler.__class__.from_config(scheduler.config, prediction_type=wanted)
         self.register_modules(model=model, scheduler=scheduler)
 
     @classmethod

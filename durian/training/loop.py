@@ -31,7 +31,7 @@ from durian.data.loader import make_loader
 from durian.data.masks import MaskBank
 from durian.data.pairs import PairConfig
 from durian.models.durian_model import DurianModel
-from durian.models.profiles import build_model, load_sd15, make_noise_scheduler
+from durian.models.profiles import build_model, load_sd15, noise_scheduler_for
 from durian.training.ema import EMA, copy_ema_weights
 from durian.training.preview import predict_x0, preview_grid
 from durian.training.state import (
@@ -215,7 +215,7 @@ class Trainer:
             model.enable_gradient_checkpointing()
         self.params = list(model.trainable_parameters(stage))
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.scheduler = make_noise_scheduler()
+        self.scheduler = noise_scheduler_for(model)
         self.loss_module: torch.nn.Module = LossModule(model, self.scheduler, noise_offset)
         self.amp_dtype = _amp_dtype(mixed_precision, self.device)
         fp16 = self.amp_dtype == torch.float16

@@ -152,3 +152,19 @@ def test_torch_contract_shapes_and_ranges() -> None:
     ).all()
     assert batch["drop_identity"].dtype == torch.bool and batch["drop_identity"].shape == (2,)
     assert batch["key"] == ["k1", "k2"] and batch["category"] == ["hair", "hair"]
+
+
+def test_unmasked_references_are_whole_frames_without_masks() -> None:
+    """The shortcut ablation (mask_references=False): same frames, nothing removed or kept."""
+    clip = make_clip(num_frames=40, size=32, categories=("hair",))
+    masked = PairConfig(resolution=32, min_gap=10, augment=False)
+    plain = PairConfig(resolution=32, min_gap=10, augment=False, mask_references=False)
+    a = make_example(clip, masked, np.random.default_rng(3))
+    b = make_example(clip, plain, np.random.default_rng(3))
+    assert a["frames"] == b["frames"] and a["category"] == b["category"]
+    assert a["identity_mask"].any() and not b["identity_mask"].any()
+    assert b["attribute_mask"].all()
+    assert np.array_equal(b["identity_ref"], clip.frames[b["frames"]["identity"]])
+    assert np.array_equal(b["attribute_ref"], clip.frames[b["frames"]["attribute"]])
+    # The masked example removed the attribute region from the identity reference.
+    assert not np.array_equal(a["identity_ref"], b["identity_ref"])

@@ -211,3 +211,68 @@ def test_motion_module_checkpoint_loads_and_mismatch_is_explained(tmp_path) -> N
         load_temporal_weights(build_temporal_module(cfg), tmp_path / "wrong.safetensors")
     with pytest.raises(ValueError, match="safetensors only"):
         load_temporal_weights(build_temporal_module(cfg), tmp_path / "mm.ckpt")
+
+
+def test_shared_reference_net_ablation_reads_both_references_through_one_net(tmp_path) -> None:
+    """The paper's "one shared ReferenceNet" ablation: one net on identity ‖ attribute inputs."""
+    from durian.models.durian_model import DurianModel
+    from durian.models.profiles import build_model, make_noise_scheduler
+    from durian.training.step import training_loss
+
+    torch.manual_seed(0)
+    model = build_model("tiny", resolution=SIZE, shared_reference_net=True)
+    assert model.prnet is None and model.reference_nets == [model.arnet]
+    assert model.arnet.conv_in.in_channels == 2 * 49
+    batch = training_batch(2, 1)
+    with torch.no_grad():
+        refs = _refs(model, b=2)
+        assert refs.attributes == [] and set(refs.portrait) == set(model.reference_names)
+        x = torch.randn(2, 48, 16, 16)
+        out = model.denoise(x, 10, refs)
+        # The attribute image reaches the output through the shared stream …
+        other = model.encode_references(
+            batch["identity_ref"], batch["identity_mask"],
+            batch["attribute_ref"].flip(-1), batch["attribute_mask"],
+        )  # fmt: skip
+        assert not torch.allclose(model.denoise(x, 10, other), out)
+        # … and dropping either reference removes that stream (and φ_attr) for that sample.
+        drop = model.denoise(x, 10, refs, drop_attribute=torch.tensor([True, False]))
+        assert not torch.allclose(drop[0], out[0]) and torch.allclose(drop[1], out[1])
+        with pytest.raises(ValueError, match="exactly one attribute"):
+            _refs(model, b=2, n=2)
+
+    model.set_stage(1)
+    assert all(p.requires_grad for p in model.arnet.conv_in.parameters())
+    loss = training_loss(model, make_noise_scheduler(), batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert model.arnet.conv_in.weight.grad.abs().sum() > 0
+
+    model.save_pretrained(tmp_path)
+    again = DurianModel.from_pretrained(tmp_path)
+    assert again.config.shared_reference_net and again.prnet is None
+
+
+def test_parameterisation_follows_the_model(tmp_path) -> None:
+    """The tiny pixel-space profile predicts v (ε cannot pass its 48→32 channel bottleneck);
+    trainer and pipeline take the parameterisation from the model, whatever scheduler is given."""
+    from durian.models.durian_model import DurianModel
+    from durian.models.profiles import build_model, make_noise_scheduler, noise_scheduler_for
+    from durian.pipelines.pipeline_durian import DurianPipeline
+    from durian.training.loop import Trainer
+
+    tiny = build_model("tiny", resolution=SIZE)
+    assert tiny.config.prediction_type == "v_prediction"
+    assert noise_scheduler_for(tiny, "ddim").config.prediction_type == "v_prediction"
+    pipe = DurianPipeline(model=tiny, scheduler=make_noise_scheduler("ddim"))  # ε scheduler
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    trainer = Trainer(tiny, [training_batch(1, 1)], stage=1, steps=1, lr=1e-4)
+    assert trainer.scheduler.config.prediction_type == "v_prediction"
+    wide = build_model("tiny", resolution=SIZE, widths=(64, 128))
+    assert tuple(wide.dnet.config.block_out_channels) == (64, 128)
+    assert wide.dnet.conv_in.out_channels == 64
+    # A model saved before the parameter existed (or an SD 1.5 one) is ε: the config default.
+    wide.register_to_config(prediction_type="epsilon")
+    wide.save_pretrained(tmp_path)
+    assert DurianModel.from_pretrained(tmp_path).config.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_model("tiny", resolution=SIZE, prediction_type="sample")

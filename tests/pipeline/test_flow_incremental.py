@@ -47,6 +47,10 @@ def test_bad_clips_are_recorded_with_a_reason_and_the_run_goes_on(project_dir):
     assert hidden_files(shards) == []  # no partial shard visible
     written = json.loads((shards / "summary.json").read_text())
     assert written["rejected_by_reason"] == summary["rejected_by_reason"]
+    # The synthetic video's exact labels checked the landmark parser (preprocess.parser_check).
+    check = written["parser_agreement"]
+    assert check["parser"] == "landmarks" and check["clips"] == len(good_ids)
+    assert 0.3 < check["iou"]["skin"] <= 1.0 and 0.0 < check["miou"] < 1.0
 
     again = preprocess_flow()  # rejected clips are done: nothing to redo
     assert again["videos_processed"] == 0 and again["samples_added"] == 0

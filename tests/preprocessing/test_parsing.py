@@ -24,6 +24,7 @@ from preprocessing.parsing import (
     _polygons,
     load_parser,
     parser_agreement,
+    summarize_agreement,
 )
 
 needs_models = pytest.mark.skipif(
@@ -189,3 +190,18 @@ def test_parser_agreement_is_per_class_iou():
     assert parser_agreement(truth, truth)["hair"] == 1.0
     with pytest.raises(ValueError):
         parser_agreement(pred[:2], truth)
+
+
+def test_summarize_agreement_averages_each_class_over_the_clips_that_show_it():
+    clips = [
+        {"hair": 0.5, "skin": 1.0, "hat": float("nan")},
+        {"hair": 0.7, "skin": 0.8},
+        {"skin": 0.6, "eye_g": 0.25},
+    ]
+    s = summarize_agreement(clips)
+    assert s["clips"] == 3
+    assert s["iou"] == pytest.approx({"hair": 0.6, "skin": 0.8, "eye_g": 0.25})
+    assert "hat" not in s["iou"]  # NaN everywhere: nothing to agree on
+    assert s["miou"] == pytest.approx((0.6 + 0.8 + 0.25) / 3)
+    empty = summarize_agreement([])
+    assert empty["clips"] == 0 and empty["iou"] == {} and np.isnan(empty["miou"])
