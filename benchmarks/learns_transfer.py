@@ -133,10 +133,12 @@ def run_model(model: Any, cases: list, args: argparse.Namespace, steps: int, *,
               unmasked: bool = False, drop_attribute: bool = False) -> list[np.ndarray]:
     import torch
 
-    from durian.models.profiles import noise_scheduler_for
+    from durian.models.profiles import make_noise_scheduler
     from durian.pipelines.pipeline_durian import DurianPipeline
 
-    pipe = DurianPipeline(model=model, scheduler=noise_scheduler_for(model, "ddim"))
+    scheduler = make_noise_scheduler("ddim", prediction_type=model.config.prediction_type,
+                                     timestep_spacing=args.timestep_spacing)
+    pipe = DurianPipeline(model=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     outputs = []
     for case in cases:
@@ -278,6 +280,9 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, nargs="+", default=[5, 25],
                    help="DDIM steps; every method is sampled with each")
     p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--timestep-spacing", default="leading", choices=["leading", "trailing"],
+                   help="DDIM timesteps; trailing with --sample-steps 1 scores the one-step "
+                        "estimate from pure noise (t=999)")
     p.add_argument("--variants", nargs="+", default=["durian", "unmasked", "shared"],
                    choices=["durian", "unmasked", "shared"])
     p.add_argument("--seed", type=int, default=0)
