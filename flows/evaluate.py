@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import mlflow
 import numpy as np
 import torch
@@ -40,8 +39,8 @@ from durian.evaluation.cases import (
     EvalCase,
     case_metrics,
     motion_error,
-    preview_row,
     self_transfer_case,
+    targets_at,
 )
 from durian.evaluation.identity import (
     FaceEmbedder,
@@ -56,7 +55,7 @@ from durian.evaluation.perceptual import (
     inception_features,
     load_perceptual,
 )
-from durian.evaluation.side_by_side import side_by_side_frames
+from durian.evaluation.side_by_side import preview_row, side_by_side_frames
 from durian.pipelines.pipeline_durian import DurianPipeline
 from flows.common import paths, read_params, run_main, write_json
 from flows.mlflow_adapter import start_run
@@ -148,14 +147,6 @@ def load_evaluators(e: EvaluateParams, root: Path, video_dir: Path | None) -> Ev
     return ev
 
 
-def _fit(frames: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Frames (or masks) at the output's size, as the region metrics compare them."""
-    if frames.shape[1:3] == size:
-        return frames
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-    return np.stack([cv2.resize(f, (size[1], size[0]), interpolation=interp) for f in frames])
-
-
 @dataclass
 class SetFeatures:
     """Per-set features for FID (frames) and FVD (videos), output and target side."""
@@ -176,9 +167,7 @@ def optional_case_metrics(
     values, and for each value that is nan, why."""
     out: dict[str, float] = {}
     why: dict[str, str] = {}
-    size = output.shape[1:3]
-    target = _fit(case.target, size)
-    masks = _fit(case.target_attribute_mask.astype(np.uint8), size, nearest=True).astype(bool)
+    target, masks = targets_at(case, output.shape[1:3])
     if ev.embedder is not None:
         frames = output[frame_subset(len(output), e.identity_frames)]
         out["id_sim"], reason = identity_similarity(

@@ -98,7 +98,8 @@ def self_transfer_case(
     )
 
 
-def _resize(images: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+def resize_frames(images: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """N×H×W(×C) frames or masks at ``size`` (area for images, nearest for label masks)."""
     if images.shape[1:3] == size:
         return images
     interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
@@ -108,12 +109,18 @@ def _resize(images: np.ndarray, size: tuple[int, int], nearest: bool = False) ->
     ).astype(images.dtype)
 
 
+def targets_at(case: EvalCase, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The target frames and their attribute masks at an output's ``size`` (H, W): what every
+    metric compares an output with."""
+    target = resize_frames(case.target, size)
+    masks = resize_frames(case.target_attribute_mask.astype(np.uint8), size, nearest=True)
+    return target, masks.astype(bool)
+
+
 def case_metrics(case: EvalCase, output: np.ndarray) -> dict[str, float]:
     """Mean over frames of L1/PSNR/SSIM on the whole frame, the attribute region (``_attr``)
     and the identity region (``_id``, everything else), plus the temporal ``flicker``."""
-    size = output.shape[1:3]
-    target = _resize(case.target, size)
-    masks = _resize(case.target_attribute_mask.astype(np.uint8), size, nearest=True).astype(bool)
+    target, masks = targets_at(case, output.shape[1:3])
     per_frame = [
         region_metrics(out, tgt, {"": None, "attr": m, "id": ~m})
         for out, tgt, m in zip(output, target, masks, strict=True)
@@ -133,15 +140,3 @@ def motion_error(case: EvalCase, output_landmarks: np.ndarray, output_size: int)
     iod = np.linalg.norm(drive[:, EYE_CORNERS[0], :2] - drive[:, EYE_CORNERS[1], :2], axis=-1)
     return landmark_distance(output_landmarks, drive, normaliser=iod)
 
-
-def preview_row(case: EvalCase, output: np.ndarray) -> np.ndarray:
-    """portrait | attribute | driving | output | target, for the first target frame."""
-    size = output.shape[1:3]
-    tiles = [
-        case.portrait * (~case.portrait_mask[..., None]),
-        case.attribute * case.attribute_mask[..., None],
-        case.keypoints[0],
-        output[0],
-        case.target[0],
-    ]
-    return np.concatenate([_resize(t[None].astype(np.uint8), size)[0] for t in tiles], axis=1)

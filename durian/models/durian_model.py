@@ -370,13 +370,21 @@ class DurianModel(ModelMixin, ConfigMixin):
             embeddings.append(attr_tokens[sl].reshape(b, -1, attr_tokens.shape[-1]))
             start += b * n
 
-        if identity_embedding is None:
-            identity_embedding = self.image_encoder.embed(identity_ref)
-        id_tokens = self.identity_projector(identity_embedding.to(self.dtype))
         portrait = self._run_reference_net(
-            self.prnet, self._reference_input(identity_ref, identity_mask), id_tokens
+            self.prnet,
+            self._reference_input(identity_ref, identity_mask),
+            self._identity_tokens(identity_ref, identity_embedding),
         )
         return References(portrait, attributes, embeddings)
+
+    def _identity_tokens(
+        self, identity_ref: torch.Tensor, identity_embedding: torch.Tensor | None
+    ) -> torch.Tensor:
+        """PRNet's cross-attention context ``φ_port``: the given identity embedding (ArcFace /
+        dlib), else the image encoder's embedding of the identity reference, projected."""
+        if identity_embedding is None:
+            identity_embedding = self.image_encoder.embed(identity_ref)
+        return self.identity_projector(identity_embedding.to(self.dtype))
 
     def _encode_shared(
         self,
@@ -392,9 +400,7 @@ class DurianModel(ModelMixin, ConfigMixin):
             raise ValueError("a shared ReferenceNet takes exactly one attribute image")
         attr_img, attr_mask = images[0][:, 0], masks[0][:, 0]
         attr_tokens = self.image_encoder(attr_img)
-        if identity_embedding is None:
-            identity_embedding = self.image_encoder.embed(identity_ref)
-        id_tokens = self.identity_projector(identity_embedding.to(self.dtype))
+        id_tokens = self._identity_tokens(identity_ref, identity_embedding)
         inputs = torch.cat(
             [
                 self._reference_input(identity_ref, identity_mask),
