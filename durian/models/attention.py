@@ -14,6 +14,13 @@ on the ``attn1`` (self-attention) of every transformer block; ``attn2`` keeps di
   projections. With two attribute branches it returns ``(1−α)·SA(…, attr¹) + α·SA(…, attr²)``
   (interpolation, method note §4).
 
+Positions (``FusionState.positions``, the tiny profile): a fixed 2-D sinusoidal code of each
+token's place in the frame is added to the inputs of ``to_q`` and ``to_k`` (not ``to_v``, as in
+DETR) for the frame's own tokens and for every reference token. SD's pretrained features carry
+where they are implicitly; randomly initialised ones do not, and without a code a frame token
+can only find "the same place" in a reference by content. Off for SD 1.5 weights (they were
+trained without it).
+
 Writer and reader blocks are paired by one rule: the processor name (e.g.
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor``), which is identical in the
 three networks because they share one structure.
@@ -21,7 +28,9 @@ three networks because they share one structure.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +64,26 @@ class ReferenceWriteProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+@lru_cache(maxsize=32)
+def grid_positions(length: int, aspect: float, dim: int) -> torch.Tensor:
+    """(length, dim) sinusoidal codes of a row-major h×w token grid with w/h = ``aspect``:
+    dim/4 frequencies each of sin/cos of y and x. Coordinates are fractions of the frame side ×
+    16, so one place in the image gets the same code at every U-Net level. Cached: treat the
+    result as read-only."""
+    if dim % 4:
+        raise ValueError(f"position codes need a channel count divisible by 4, got {dim}")
+    h = max(1, round(math.sqrt(length / aspect)))
+    w = length // h
+    if h * w != length:
+        raise ValueError(f"{length} tokens are not a grid of aspect {aspect:.3f}")
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    n = dim // 4
+    freq = 100.0 ** (-torch.arange(n) / n)
+    y = ys.flatten()[:, None] * (16 / h) * freq
+    x = xs.flatten()[:, None] * (16 / w) * freq
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+
+
 @dataclass
 class FusionState:
     """What DNet's readers use during one forward; set by ``DurianModel.denoise``.
@@ -67,6 +96,8 @@ class FusionState:
         (composition: the N attributes' tokens already concatenated). Empty: stream absent.
     ``keep_identity`` / ``keep_attribute``: (B,) bool, per-sample keep flags; None = keep all.
     ``alpha``: (B·F,) interpolation weight of branch 2, or None.
+    ``positions``: add token position codes to queries and keys (a property of the model, kept
+        by :meth:`clear`); ``aspect``: width / height of the latent frame.
     """
 
     num_frames: int = 1
@@ -75,6 +106,13 @@ class FusionState:
     keep_identity: torch.Tensor | None = None
     keep_attribute: torch.Tensor | None = None
     alpha: torch.Tensor | None = None
+    positions: bool = False
+    aspect: float = 1.0
+
+    def position_codes(self, length: int, dim: int, like: torch.Tensor) -> torch.Tensor | None:
+        if not self.positions:
+            return None
+        return grid_positions(length, self.aspect, dim).to(like.device, like.dtype)
 
     def clear(self) -> None:
         self.num_frames = 1
@@ -103,17 +141,25 @@ class DualReferenceAttnProcessor:
         self.name = name
 
     def _stream(
-        self, attn: Attention, tokens: torch.Tensor | None, keep: torch.Tensor | None
+        self,
+        attn: Attention,
+        tokens: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        codes: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """Keys, values and per-sample key mask of one reference stream at frame batch size.
 
         Projections run at reference batch size (B) and are then repeated across frames: the
-        same result as repeating tokens first, F times cheaper.
+        same result as repeating tokens first, F times cheaper. ``codes``: the frame's position
+        codes, tiled over the N images of a composition.
         """
         if tokens is None or (keep is not None and not bool(keep.any())):
             return None  # absent for every sample: no tokens at all
         f = self.state.num_frames
-        k = _per_frame(attn.to_k(tokens), f)
+        key_in = tokens
+        if codes is not None:
+            key_in = tokens + codes.repeat(tokens.shape[1] // codes.shape[0], 1)
+        k = _per_frame(attn.to_k(key_in), f)
         v = _per_frame(attn.to_v(tokens), f)
         mask = None
         if keep is not None and not bool(keep.all()):
@@ -159,14 +205,18 @@ class DualReferenceAttnProcessor:
             raise ValueError("attention masks are not supported on reference self-attention")
         s = self.state
         residual = hidden_states
-        query = attn.to_q(hidden_states)
-        frame = (attn.to_k(hidden_states), attn.to_v(hidden_states), None)
+        codes = s.position_codes(hidden_states.shape[1], hidden_states.shape[2], hidden_states)
+        placed = hidden_states if codes is None else hidden_states + codes
+        query = attn.to_q(placed)
+        frame = (attn.to_k(placed), attn.to_v(hidden_states), None)
         portrait = None
         if s.portrait is not None:
-            portrait = self._stream(attn, s.portrait[self.name], s.keep_identity)
+            portrait = self._stream(attn, s.portrait[self.name], s.keep_identity, codes)
         head = [frame] + ([portrait] if portrait is not None else [])
 
-        branches = [self._stream(attn, a[self.name], s.keep_attribute) for a in s.attributes]
+        branches = [
+            self._stream(attn, a[self.name], s.keep_attribute, codes) for a in s.attributes
+        ]
         if not branches:
             out = self._attend(attn, query, head)
         else:

@@ -22,16 +22,21 @@ without one (tiny profile) **pixel space**: the "latent" is the image in [-1, 1]
 ``pixel_unshuffle(pixel_downscale)`` — lossless and untrained, it only keeps token counts small
 (64 px → 48 × 16 × 16). No pretrained VAE exists offline, so this is the honest choice.
 
-Parameterisation: ``prediction_type`` is what DNet predicts, ``epsilon`` (the paper, SD 1.5)
-or ``v_prediction`` (the tiny pixel-space profile: a 4×4×3 pixel patch is 48 channels, more than
-the tiny U-Net's 32, so ε — which at high noise is the input passed through — cannot be
-represented; v can). Trainer and pipeline take the scheduler's parameterisation from here.
+Parameterisation: ``prediction_type`` is what DNet predicts: ``epsilon`` (the paper, SD 1.5),
+``v_prediction`` or ``sample`` (x0, the tiny pixel-space profile). In pixel space a 4×4×3 patch
+is 48 channels, more than the tiny U-Net's 32: ε cannot be represented at all, and an imperfect
+ε or v leaves pixel noise in every DDIM step, while an x0 prediction is an image at every step
+(benchmarks/learns_transfer.py measured multistep DDIM SSIM 0.03 with v, 0.29 with x0 after
+the same 600 steps). Trainer and pipeline take the scheduler's parameterisation from here.
 
 Ablation ``shared_reference_net=True`` (the paper's "one shared ReferenceNet on a
 channel-concatenated input", method note §2): a single reference U-Net, held as ``arnet``
 (``prnet`` is None), reads the identity and attribute inputs concatenated along channels and
 cross-attends to both token sets; its features form one reference stream in DNet, dropped when
 either reference is dropped. One attribute only (no composition or interpolation).
+
+``reference_positions=True`` (the tiny profile): position codes on the queries and keys of
+dual reference fusion (see :mod:`durian.models.attention`); off for SD 1.5 weights.
 
 Reference nets run at timestep 0 and once per generation; only their recorded self-attention
 inputs are used (their U-Net output is discarded). Reference mask channel: the mask, resized to
@@ -136,11 +141,13 @@ class DurianModel(ModelMixin, ConfigMixin):
         temporal_config: dict[str, Any] | None = None,
         shared_reference_net: bool = False,
         prediction_type: str = "epsilon",
+        reference_positions: bool = False,
     ) -> None:
         super().__init__()
-        if prediction_type not in ("epsilon", "v_prediction"):
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(
-                f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}"
+                "prediction_type must be epsilon, v_prediction or sample, "
+                f"got {prediction_type!r}"
             )
         unet_cfg = _clean_config(unet_config)
         if vae_config is not None:
@@ -208,7 +215,7 @@ class DurianModel(ModelMixin, ConfigMixin):
 
     def _install_processors(self) -> None:
         self._bank: dict[str, torch.Tensor] = {}
-        self.fusion = FusionState()
+        self.fusion = FusionState(positions=bool(self.config.reference_positions))
         names = list(self.dnet.attn_processors)
         self.reference_names = self_attention_names(names)
         for net in self.reference_nets:
@@ -476,6 +483,7 @@ class DurianModel(ModelMixin, ConfigMixin):
         self.fusion.keep_identity = keep_identity
         self.fusion.keep_attribute = keep_attribute
         self.fusion.alpha = alpha_t
+        self.fusion.aspect = sample.shape[-1] / sample.shape[-2]
         self._keypoint_hook.residual = keypoint_features
         if self._temporal_hooks is not None:
             self._temporal_hooks.num_frames = num_frames

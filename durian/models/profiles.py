@@ -2,10 +2,14 @@
 
 * ``tiny``: the same classes with small channels for CPU (tests, the sample pipeline): pixel
   space with a 4× pixel-unshuffle (no pretrained VAE offline), U-Nets (32, 64), a 2-layer CLIP
-  vision config trained with the rest, keypoint guider (8, 16, 32). ~3 M parameters.
+  vision config trained with the rest, keypoint guider (8, 16, 32), x0 prediction, position
+  codes in dual reference fusion. ~3 M parameters.
 * ``sd15``: the SD 1.5 shape for ARNet, PRNet and DNet, the SD VAE, a CLIP ViT-L/14 image
   encoder, AnimateDiff-v2-shaped temporal module. :func:`load_sd15` fills them from local
   folders; ``build_model("sd15")`` gives the shape with random weights (benchmarks).
+
+``build_model`` starts ARNet and PRNet as copies of DNet's initial weights (load_sd15 fills all
+three from one SD U-Net).
 
 API::
 
@@ -127,7 +131,8 @@ def tiny_config(
         "identity_tokens": 2,
         "keypoint_guider_channels": guider,
         "train_image_encoder": True,
-        "prediction_type": "v_prediction",  # see DurianModel: ε cannot pass the 48→32 channels
+        "prediction_type": "sample",  # x0: see DurianModel (pixel space, 48 → 32 channels)
+        "reference_positions": True,  # random-init features carry no place: see attention.py
     }
 
 
@@ -161,6 +166,10 @@ def build_model(profile: str, **overrides: Any) -> DurianModel:
         raise ValueError(f"unknown model profile {profile!r}: tiny or sd15")
     cfg.update(overrides)
     model = DurianModel(**cfg)
+    # ARNet and PRNet start as copies of DNet, as all three start from SD 1.5 in the paper: their
+    # self-attention inputs then live in the feature space DNet's projections read.
+    for net in model.reference_nets:
+        load_unet_weights(net, model.dnet.state_dict())
     if profile == "sd15":
         model.image_encoder.clip.requires_grad_(False)  # pretrained CLIP stays frozen
     return model

@@ -53,8 +53,11 @@ def predict_x0(
         )
         model.release()
         abar = scheduler.alphas_cumprod.to(device)[t].to(dtype).view(-1, 1, 1, 1)
-        if scheduler.config.prediction_type == "v_prediction":
+        kind = scheduler.config.prediction_type
+        if kind == "v_prediction":
             x0_hat = abar.sqrt() * noisy - (1 - abar).sqrt() * pred
+        elif kind == "sample":
+            x0_hat = pred
         else:
             x0_hat = (noisy - (1 - abar).sqrt() * pred) / abar.sqrt()
         images = model.decode_latents(x0_hat).float().clamp(-1, 1)

@@ -58,7 +58,7 @@ def training_loss(
     *,
     noise_offset: float = 0.0,
 ) -> torch.Tensor:
-    """Scalar ε-prediction MSE (v-prediction if the scheduler is configured for it).
+    """Scalar ε-prediction MSE (v or x0 prediction if the scheduler is configured for it).
 
     ``model`` may be a ``DurianModel`` or a DDP wrapper of one. ``generator`` drives the latent
     sampling, the noise and the timesteps (one per clip, shared by its F frames).
@@ -96,8 +96,11 @@ def training_loss(
         drop_attribute=batch["drop_attribute"],
         identity_embedding=batch.get("identity_embedding"),
     )
-    if scheduler.config.prediction_type == "v_prediction":
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
         goal = scheduler.get_velocity(x0, noise, t_frames)
+    elif kind == "sample":
+        goal = x0
     else:
         goal = noise
     return F.mse_loss(pred.float(), goal.float())

@@ -253,7 +253,7 @@ def test_shared_reference_net_ablation_reads_both_references_through_one_net(tmp
 
 
 def test_parameterisation_follows_the_model(tmp_path) -> None:
-    """The tiny pixel-space profile predicts v (ε cannot pass its 48→32 channel bottleneck);
+    """The tiny pixel-space profile predicts x0 (ε cannot pass its 48→32 channel bottleneck);
     trainer and pipeline take the parameterisation from the model, whatever scheduler is given."""
     from durian.models.durian_model import DurianModel
     from durian.models.profiles import build_model, make_noise_scheduler, noise_scheduler_for
@@ -261,12 +261,12 @@ def test_parameterisation_follows_the_model(tmp_path) -> None:
     from durian.training.loop import Trainer
 
     tiny = build_model("tiny", resolution=SIZE)
-    assert tiny.config.prediction_type == "v_prediction"
-    assert noise_scheduler_for(tiny, "ddim").config.prediction_type == "v_prediction"
+    assert tiny.config.prediction_type == "sample"
+    assert noise_scheduler_for(tiny, "ddim").config.prediction_type == "sample"
     pipe = DurianPipeline(model=tiny, scheduler=make_noise_scheduler("ddim"))  # ε scheduler
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.prediction_type == "sample"
     trainer = Trainer(tiny, [training_batch(1, 1)], stage=1, steps=1, lr=1e-4)
-    assert trainer.scheduler.config.prediction_type == "v_prediction"
+    assert trainer.scheduler.config.prediction_type == "sample"
     wide = build_model("tiny", resolution=SIZE, widths=(64, 128))
     assert tuple(wide.dnet.config.block_out_channels) == (64, 128)
     assert wide.dnet.conv_in.out_channels == 64
@@ -275,4 +275,58 @@ def test_parameterisation_follows_the_model(tmp_path) -> None:
     wide.save_pretrained(tmp_path)
     assert DurianModel.from_pretrained(tmp_path).config.prediction_type == "epsilon"
     with pytest.raises(ValueError, match="prediction_type"):
-        build_model("tiny", resolution=SIZE, prediction_type="sample")
+        build_model("tiny", resolution=SIZE, prediction_type="flow")
+
+
+def test_grid_positions_name_one_place_at_every_level() -> None:
+    from durian.models.attention import grid_positions
+
+    fine, coarse = grid_positions(16 * 16, 1.0, 32), grid_positions(8 * 8, 1.0, 32)
+    assert fine.shape == (256, 32) and coarse.shape == (64, 32)
+    # token (2, 4) of the 16-grid and token (1, 2) of the 8-grid start at the same image place
+    assert torch.allclose(fine[2 * 16 + 4], coarse[1 * 8 + 2], atol=1e-6)
+    assert not torch.allclose(fine[0], fine[1], atol=1e-3)  # neighbours differ
+    wide = grid_positions(8 * 16, 2.0, 32)  # 8 rows × 16 columns: row 1 is row 2 of 16
+    assert torch.allclose(wide[1 * 16 + 5], fine[2 * 16 + 5], atol=1e-6)
+    with pytest.raises(ValueError, match="grid"):
+        grid_positions(15, 1.0, 32)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grid_positions(16, 1.0, 30)
+
+
+def test_reader_with_positions_adds_codes_to_queries_and_keys_only() -> None:
+    from durian.models.attention import grid_positions
+
+    attn = _attention()
+    x, port = torch.randn(2, 16, 16), torch.randn(2, 16, 16)  # a 4×4 token grid
+    state = FusionState(portrait={"blk": port}, positions=True)
+    codes = grid_positions(16, 1.0, 16)
+    with torch.no_grad():
+        out = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        q = attn.to_q(x + codes)
+        k = attn.to_k(torch.cat([x + codes, port + codes], 1))
+        v = attn.to_v(torch.cat([x, port], 1))
+        h = attn.heads
+        split = lambda t: t.view(2, t.shape[1], h, -1).transpose(1, 2)  # noqa: E731
+        expected = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        expected = attn.to_out[0](expected.transpose(1, 2).reshape(2, 16, -1))
+        plain = DualReferenceAttnProcessor(FusionState(portrait={"blk": port}), "blk")(attn, x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, plain, atol=1e-3)
+
+
+def test_tiny_profile_starts_reference_nets_from_dnet_and_uses_positions() -> None:
+    from durian.models.profiles import build_model
+
+    model = build_model("tiny", resolution=SIZE)
+    assert model.config.reference_positions and model.fusion.positions
+    dnet = model.dnet.state_dict()
+    for net in model.reference_nets:
+        for name, value in net.state_dict().items():
+            if name == "conv_in.weight":  # + the mask channel, zero at the start
+                assert torch.equal(value[:, : dnet[name].shape[1]], dnet[name])
+                assert not value[:, dnet[name].shape[1] :].any()
+            else:
+                assert torch.equal(value, dnet[name]), name
+    model.fusion.clear()
+    assert model.fusion.positions  # a property of the model, not of one call

@@ -94,3 +94,17 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters(1)]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_x0_parameterisation_regresses_the_clean_latent() -> None:
+    """With ``prediction_type="sample"`` the loss is the MSE between DNet's output and x0."""
+    model = tiny_model().train()
+    model.set_stage(1)
+    scheduler = make_noise_scheduler("ddpm", prediction_type="sample")
+    batch = training_batch(2, 1)
+    x0 = model.encode_images(batch["target"].flatten(0, 1))
+    with torch.no_grad():
+        model.dnet.conv_out.weight.zero_()
+        model.dnet.conv_out.bias.zero_()  # DNet now outputs 0 whatever its input
+        loss = training_loss(model, scheduler, batch, torch.Generator().manual_seed(0))
+    assert torch.allclose(loss, (x0**2).mean(), atol=1e-6)
