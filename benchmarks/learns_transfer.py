@@ -29,8 +29,8 @@ model that cannot beat the noisy input at a noise level will not sample clean fr
 
 Every model is sampled with each ``--sample-steps`` DDIM step count, trailing spacing (the
 first step at t=999; a short-trained diffusion model often scores better with fewer steps, and
-one step is the tiny model's x0 estimate from pure noise; every method gets the same counts). Writes
-``results.json`` (metrics, per-case numbers, loss curves, denoising check, timings),
+one step is the tiny model's x0 estimate from pure noise; every method gets the same counts).
+Writes ``results.json`` (metrics, per-case numbers, loss curves, denoising check, timings),
 ``samples_ddim<N>.png`` (rows: portrait | attribute | driving | each method | target) and the
 trained models (``models/<variant>``, ``save_pretrained``) to ``--out``. The budget is a
 step count, so results do not depend on machine load; the wall time of each phase is printed.

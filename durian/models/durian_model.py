@@ -26,8 +26,8 @@ Parameterisation: ``prediction_type`` is what DNet predicts: ``epsilon`` (the pa
 ``v_prediction`` or ``sample`` (x0, the tiny pixel-space profile). In pixel space a 4×4×3 patch
 is 48 channels, more than the tiny U-Net's 32: ε cannot be represented at all, and an imperfect
 ε or v leaves pixel noise in every DDIM step, while an x0 prediction is an image at every step
-(benchmarks/learns_transfer.py measured multistep DDIM SSIM 0.03 with v, 0.29 with x0 after
-the same 600 steps). Trainer and pipeline take the scheduler's parameterisation from here.
+(600-step trials of the benchmarks/learns_transfer.py recipe: 4-step DDIM SSIM 0.03 with v,
+0.29 with x0). Trainer and pipeline take the scheduler's parameterisation from here.
 
 Ablation ``shared_reference_net=True`` (the paper's "one shared ReferenceNet on a
 channel-concatenated input", method note §2): a single reference U-Net, held as ``arnet``
