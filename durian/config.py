@@ -105,6 +105,9 @@ class TrainParams(_Section):
     stage: Literal[1, 2] = 1
     steps: int = Field(30, ge=1)
     lr: float = Field(1e-4, gt=0, le=1.0)
+    # diffusers.optimization schedules of the learning rate over ``steps``.
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
     batch_size: int = Field(2, ge=1)
     frames: int = Field(1, ge=1, le=64)
     grad_accum: int = Field(1, ge=1)

@@ -172,6 +172,8 @@ def worker_config(
         "stage": t.stage,
         "steps": t.steps,
         "lr": t.lr,
+        "lr_scheduler": t.lr_scheduler,
+        "lr_warmup_steps": t.lr_warmup_steps,
         "batch_size": t.batch_size,
         "frames": t.frames,
         "frame_stride": t.frame_stride,

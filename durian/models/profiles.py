@@ -18,7 +18,8 @@ API::
               resolution=512, **overrides) -> DurianModel
     load_unet_weights(target: UNet2DConditionModel, state_dict) -> None   # widens conv_in
     make_noise_scheduler(kind="ddpm" | "ddim", **overrides) -> DDPMScheduler | DDIMScheduler
-    noise_scheduler_for(model, kind="ddpm")   # with the model's prediction_type
+    scheduler_settings(model.config) -> dict  # what the model fixes: parameterisation, schedule
+    noise_scheduler_for(model, kind="ddpm")   # SD 1.5's schedule with those settings
 """
 
 from __future__ import annotations
@@ -236,6 +237,16 @@ def make_noise_scheduler(kind: str = "ddpm", **overrides: Any) -> DDPMScheduler 
     raise ValueError(f"unknown scheduler kind {kind!r}: ddpm or ddim")
 
 
+def scheduler_settings(config: Any) -> dict[str, Any]:
+    """The scheduler entries a model's config fixes: its parameterisation and, with
+    ``zero_terminal_snr``, the rescaled schedule and the trailing timesteps it must be sampled
+    with (the first sampling step is then the pure-noise timestep it was trained on)."""
+    settings: dict[str, Any] = {"prediction_type": config.prediction_type}
+    if getattr(config, "zero_terminal_snr", False):
+        settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    return settings
+
+
 def noise_scheduler_for(model: DurianModel, kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
-    """SD 1.5's schedule with the model's own parameterisation (``prediction_type``)."""
-    return make_noise_scheduler(kind, prediction_type=model.config.prediction_type)
+    """SD 1.5's schedule with the model's own settings (:func:`scheduler_settings`)."""
+    return make_noise_scheduler(kind, **scheduler_settings(model.config))

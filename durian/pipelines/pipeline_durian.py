@@ -45,7 +45,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from durian.models.durian_model import DurianModel
-from durian.models.profiles import make_noise_scheduler
+from durian.models.profiles import make_noise_scheduler, scheduler_settings
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -131,11 +131,11 @@ class DurianPipeline(DiffusionPipeline):
 
     def __init__(self, model: DurianModel, scheduler: DDIMScheduler) -> None:
         super().__init__()
-        wanted = model.config.prediction_type
-        if scheduler.config.prediction_type != wanted:
-            # The model fixes what it predicts; a scheduler built for another parameterisation
-            # would turn its outputs into noise.
-            scheduler = scheduler.__class__.from_config(scheduler.config, prediction_type=wanted)
+        wanted = scheduler_settings(model.config)
+        if any(scheduler.config.get(k) != v for k, v in wanted.items()):
+            # The model fixes what it predicts and the schedule it was trained on; a scheduler
+            # built for another would turn its outputs into noise.
+            scheduler = scheduler.__class__.from_config(scheduler.config, **wanted)
         self.register_modules(model=model, scheduler=scheduler)
 
     @classmethod

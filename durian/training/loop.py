@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from diffusers.optimization import get_scheduler
 
 from durian.data.loader import make_loader
 from durian.data.masks import MaskBank
@@ -193,6 +194,8 @@ class Trainer:
         resume_data: ResumeData = "skip",
         preview_timestep: int = 500,
         fixed_noise: bool = False,
+        lr_scheduler: str = "constant",
+        lr_warmup_steps: int = 0,
     ) -> None:
         if resume_data not in ("skip", "reseed"):
             raise ValueError(f"resume_data must be skip or reseed, got {resume_data!r}")
@@ -215,6 +218,12 @@ class Trainer:
             model.enable_gradient_checkpointing()
         self.params = list(model.trainable_parameters(stage))
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        # diffusers' schedules (constant, cosine, linear …), stepped once per optimiser step;
+        # a pure function of the step, so a resumed run continues the same curve.
+        self.lr_scheduler = get_scheduler(
+            lr_scheduler, self.optimizer, num_warmup_steps=lr_warmup_steps,
+            num_training_steps=steps,
+        )  # fmt: skip
         self.scheduler = noise_scheduler_for(model)
         self.loss_module: torch.nn.Module = LossModule(model, self.scheduler, noise_offset)
         self.amp_dtype = _amp_dtype(mixed_precision, self.device)
@@ -274,6 +283,8 @@ class Trainer:
             max_grad_norm=config.get("max_grad_norm", 0.0),
             noise_offset=config.get("noise_offset", 0.0),
             resume_data=config.get("resume_data", "skip"),
+            lr_scheduler=config.get("lr_scheduler", "constant"),
+            lr_warmup_steps=config.get("lr_warmup_steps", 0),
         )
 
     def wrap(self, wrapper: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
@@ -290,6 +301,7 @@ class Trainer:
             extra={
                 "stage": self.stage,
                 "data": {"seed": self.data_seed, "batches": self.data_batches},
+                "lr_scheduler": {"last_epoch": self.lr_scheduler.last_epoch},
             },
             ema=self.ema.state_dict() if self.ema is not None else None,
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
@@ -305,6 +317,9 @@ class Trainer:
             )
         load_training_state(directory, self.model, self.optimizer)
         self.step = self.start_step = int(state["step"])
+        # The schedule's position (older checkpoints: the step); its lr is in the optimizer state.
+        last = int((state.get("lr_scheduler") or {}).get("last_epoch", self.step))
+        self.lr_scheduler.load_state_dict(self.lr_scheduler.state_dict() | {"last_epoch": last})
         if self.ema is not None:
             ema = load_ema(directory)
             if ema is not None:
@@ -367,11 +382,13 @@ class Trainer:
             grad_norm = float("nan")
             if self.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's rate
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 self.optimizer.step()
+            self.lr_scheduler.step()
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.model)
@@ -379,7 +396,7 @@ class Trainer:
                 "step": self.step,
                 "loss": total,
                 "samples": samples,
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 "grad_norm": grad_norm,
             }
 

@@ -278,6 +278,27 @@ def test_parameterisation_follows_the_model(tmp_path) -> None:
         build_model("tiny", resolution=SIZE, prediction_type="flow")
 
 
+def test_zero_terminal_snr_schedule_follows_the_model() -> None:
+    """With ``zero_terminal_snr`` the trainer's last timestep is (numerically) pure noise and
+    the pipeline samples that schedule with trailing timesteps, starting at t = 999."""
+    from durian.models.profiles import build_model, make_noise_scheduler
+    from durian.pipelines.pipeline_durian import DurianPipeline
+    from durian.training.loop import Trainer
+
+    plain = build_model("tiny", resolution=SIZE, zero_terminal_snr=False)
+    model = build_model("tiny", resolution=SIZE, zero_terminal_snr=True)
+    signal = {}
+    for name, m in (("plain", plain), ("zero", model)):
+        trainer = Trainer(m, [training_batch(1, 1)], stage=1, steps=1, lr=1e-4)
+        signal[name] = float(trainer.scheduler.alphas_cumprod[-1])
+    assert signal["plain"] > 1e-3 and signal["zero"] < 1e-6
+    pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    pipe.scheduler.set_timesteps(4)
+    assert int(pipe.scheduler.timesteps[0]) == 999
+    assert pipe.scheduler.config.prediction_type == model.config.prediction_type
+
+
 def test_grid_positions_name_one_place_at_every_level() -> None:
     from durian.models.attention import grid_positions
 

@@ -51,13 +51,17 @@ def test_overfits_one_fixed_batch(shards: list[str]) -> None:
 
 
 def test_resume_from_a_checkpoint_continues_exactly(shards: list[str], tmp_path: Path) -> None:
-    config = tiny_train_config(shards, model=SMALL, steps=4)
+    # A warmed-up cosine schedule: the resumed run must continue the same learning-rate curve.
+    config = tiny_train_config(shards, model=SMALL, steps=4, lr_scheduler="cosine",
+                               lr_warmup_steps=1)  # fmt: skip
     straight = Trainer.from_config(config)
     stats = []
     for s in straight.steps():
         stats.append(s)
         if s["step"] == 2:
             straight.save(tmp_path / "ckpt")
+    lrs = [s["lr"] for s in stats]  # diffusers' warmup starts at 0
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(2e-4) and lrs[1] > lrs[2] > lrs[3] > 0, lrs
     state = read_state(tmp_path / "ckpt")
     assert state["step"] == 2 and state["stage"] == 1
     assert state["data"] == {"seed": 0, "batches": 2}
@@ -72,6 +76,7 @@ def test_resume_from_a_checkpoint_continues_exactly(shards: list[str], tmp_path:
     # Same batches (data position skipped), same noise (per-step generators): same losses, and
     # the weights of a run that was never interrupted.
     assert [s["loss"] for s in rest] == [s["loss"] for s in stats[2:]]
+    assert [s["lr"] for s in rest] == lrs[2:]
     assert _equal(_weights(resumed.model), _weights(straight.model))
 
     # "reseed": a fresh stream (no replay of consumed batches) from the same weights.
