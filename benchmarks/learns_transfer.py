@@ -164,13 +164,12 @@ def run_model(model: Any, cases: list, args: argparse.Namespace, steps: int, *,
               unmasked: bool = False, drop_attribute: bool = False) -> list[np.ndarray]:
     import torch
 
-    from durian.models.profiles import make_noise_scheduler, scheduler_settings
+    from durian.models.profiles import make_noise_scheduler
     from durian.pipelines.pipeline_durian import DurianPipeline
 
-    # The model's settings win (a zero-terminal-SNR model is always sampled trailing).
-    scheduler = make_noise_scheduler(
-        "ddim", **{"timestep_spacing": args.timestep_spacing, **scheduler_settings(model.config)}
-    )
+    # The pipeline applies the model's own settings (parameterisation; a zero-terminal-SNR
+    # model is always sampled trailing) over this scheduler.
+    scheduler = make_noise_scheduler("ddim", timestep_spacing=args.timestep_spacing)
     pipe = DurianPipeline(model=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     outputs = []

@@ -242,7 +242,7 @@ def scheduler_settings(config: Any) -> dict[str, Any]:
     ``zero_terminal_snr``, the rescaled schedule and the trailing timesteps it must be sampled
     with (the first sampling step is then the pure-noise timestep it was trained on)."""
     settings: dict[str, Any] = {"prediction_type": config.prediction_type}
-    if getattr(config, "zero_terminal_snr", False):
+    if config.zero_terminal_snr:
         settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     return settings
 

@@ -301,7 +301,6 @@ class Trainer:
             extra={
                 "stage": self.stage,
                 "data": {"seed": self.data_seed, "batches": self.data_batches},
-                "lr_scheduler": {"last_epoch": self.lr_scheduler.last_epoch},
             },
             ema=self.ema.state_dict() if self.ema is not None else None,
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
@@ -317,9 +316,9 @@ class Trainer:
             )
         load_training_state(directory, self.model, self.optimizer)
         self.step = self.start_step = int(state["step"])
-        # The schedule's position (older checkpoints: the step); its lr is in the optimizer state.
-        last = int((state.get("lr_scheduler") or {}).get("last_epoch", self.step))
-        self.lr_scheduler.load_state_dict(self.lr_scheduler.state_dict() | {"last_epoch": last})
+        # The schedule steps once per optimiser step, so its position is the step; the current
+        # rate itself is in the optimizer state.
+        self.lr_scheduler.last_epoch = self.step
         if self.ema is not None:
             ema = load_ema(directory)
             if ema is not None:
