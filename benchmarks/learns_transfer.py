@@ -4,6 +4,7 @@ numbers against exact ground truth; asserts nothing.
     python benchmarks/learns_transfer.py [--out DIR] [--train-videos 640] [--frames 16]
         [--steps 2400] [--batch 8] [--lr 1e-3] [--lr-schedule constant] [--widths 64 128]
         [--eval-cases 24] [--sample-steps 1 4 20] [--variants durian unmasked shared]
+        [--target-frames 1] [--timestep-bias none] [--freeze-last-up] [--no-locality]
         [--jobs 0] [--quick]
 
 1. Generates synthetic portrait videos (``preprocessing.synthetic``: random identities with
@@ -110,15 +111,19 @@ def train_variant(
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     model = build_model("tiny", resolution=RESOLUTION, widths=tuple(args.widths),
-                        shared_reference_net=variant == "shared")
+                        shared_reference_net=variant == "shared",
+                        freeze_reference_last_up_block=args.freeze_last_up,
+                        reference_locality=not args.no_locality)
     pair = PairConfig(resolution=RESOLUTION, min_gap=4, mask_references=variant != "unmasked",
-                      brightness=args.jitter, contrast=args.jitter, saturation=args.jitter,
-                      hue=args.jitter / 10)
+                      num_frames=args.target_frames, brightness=args.jitter,
+                      contrast=args.jitter, saturation=args.jitter, hue=args.jitter / 10)
     source = BatchSource(shards, pair, args.batch, mask_bank=bank, num_workers=args.loader_workers)
     trainer = Trainer(
         model, source, stage=1, steps=args.steps, lr=args.lr, seed=args.seed,
         max_grad_norm=1.0, ema_decay=args.ema, lr_scheduler=args.lr_schedule,
-        lr_warmup_steps=args.warmup,
+        lr_warmup_steps=args.warmup, timestep_bias=args.timestep_bias,
+        timestep_bias_multiplier=args.timestep_bias_multiplier,
+        timestep_bias_portion=args.timestep_bias_portion,
     )  # fmt: skip
     losses: list[float] = []
     start = time.perf_counter()
@@ -320,6 +325,21 @@ def main() -> None:
                         "2e-3: equal): this budget is too short to anneal")
     p.add_argument("--warmup", type=int, default=50, help="cosine's warmup steps")
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay (0 = none)")
+    p.add_argument("--target-frames", type=int, default=1,
+                   help="frames of one training video reconstructed from the same reference "
+                        "pair in one example (stage 1 has no temporal layers, so they are "
+                        "independent images; the reference nets run once for all of them)")
+    p.add_argument("--timestep-bias", default="none", choices=["none", "later", "earlier"],
+                   help="diffusers' timestep bias of training (durian.training.step)")
+    p.add_argument("--timestep-bias-multiplier", type=float, default=3.0)
+    p.add_argument("--timestep-bias-portion", type=float, default=0.3)
+    p.add_argument("--freeze-last-up", action="store_true",
+                   help="freeze the reference nets' last up block ([base] with SD weights; "
+                        "the recipe up to session 4): two of the four fusion points then read "
+                        "frozen random features")
+    p.add_argument("--no-locality", action="store_true",
+                   help="no locality bias in dual reference fusion (the recipe up to session "
+                        "4; durian.models.attention)")
     p.add_argument("--loader-workers", type=int, default=1)
     p.add_argument("--eval-cases", type=int, default=24)
     p.add_argument("--sample-steps", type=int, nargs="+", default=[1, 4, 20],

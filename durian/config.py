@@ -129,6 +129,11 @@ class TrainParams(_Section):
     loader_workers: int = Field(0, ge=0, le=64)  # DataLoader processes per Ray worker
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
     noise_offset: float = Field(0.0, ge=0, le=1)
+    # diffusers' timestep bias: "later" trains the noisiest timesteps (where few-step sampling
+    # starts) ``multiplier`` times as often over the last ``portion`` of the schedule.
+    timestep_bias: Literal["none", "later", "earlier"] = "none"
+    timestep_bias_multiplier: float = Field(1.0, gt=0)
+    timestep_bias_portion: float = Field(0.25, gt=0, le=1)
     ema: bool = False  # EMA of the trainable weights; exported instead of the raw weights
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     preview_every: int = Field(10, ge=0)  # steps between MLflow preview grids; 0 = none

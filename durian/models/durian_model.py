@@ -41,7 +41,8 @@ cross-attends to both token sets; its features form one reference stream in DNet
 either reference is dropped. One attribute only (no composition or interpolation).
 
 ``reference_positions=True`` (the tiny profile): position codes on the queries and keys of
-dual reference fusion (see :mod:`durian.models.attention`); off for SD 1.5 weights.
+dual reference fusion; ``reference_locality=True``: the 2-D ALiBi locality bias on its logits
+(both in :mod:`durian.models.attention`); off for SD 1.5 weights.
 
 Reference nets run at timestep 0 and once per generation; only their recorded self-attention
 inputs are used (their U-Net output is discarded). Reference mask channel: the mask, resized to
@@ -76,9 +77,9 @@ from durian.models.temporal import (
     temporal_module_config,
 )
 
-# Parameters of a reference net that never receive a gradient, or that [base] freezes: nothing
-# after the last recorded self-attention input is used (Moore-AnimateAnyone freezes up_blocks.3).
-_REFERENCE_FROZEN_PREFIXES = ("conv_norm_out.", "conv_out.")
+# Parameters of a reference net that never receive a gradient: nothing after the last recorded
+# self-attention input (the ``norm1`` output of the last transformer block) is used.
+_REFERENCE_TAIL_PREFIXES = ("conv_norm_out.", "conv_out.")
 
 
 @dataclass
@@ -148,6 +149,8 @@ class DurianModel(ModelMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         reference_positions: bool = False,
         zero_terminal_snr: bool = False,
+        freeze_reference_last_up_block: bool = True,
+        reference_locality: bool = False,
     ) -> None:
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -221,7 +224,10 @@ class DurianModel(ModelMixin, ConfigMixin):
 
     def _install_processors(self) -> None:
         self._bank: dict[str, torch.Tensor] = {}
-        self.fusion = FusionState(positions=bool(self.config.reference_positions))
+        self.fusion = FusionState(
+            positions=bool(self.config.reference_positions),
+            locality=bool(self.config.reference_locality),
+        )
         names = list(self.dnet.attn_processors)
         self.reference_names = self_attention_names(names)
         for net in self.reference_nets:
@@ -277,9 +283,28 @@ class DurianModel(ModelMixin, ConfigMixin):
         return self._temporal_hooks is not None and self._temporal_hooks.enabled
 
     # ------------------------------------------------------------------ training stages
+    def reference_frozen_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of a reference net that stage 1 does not train.
+
+        Always the unused tail: the last recorded transformer block past its ``norm1``, its
+        ``proj_out``, and the output convolutions. With ``freeze_reference_last_up_block``
+        ([base], Moore-AnimateAnyone with SD weights) the whole last up block too, although two
+        or more recorded self-attention inputs come from it: harmless for pretrained SD layers,
+        but a randomly initialised profile would feed DNet's finest fusion points frozen random
+        features, so the tiny profile turns it off."""
+        # The up path runs last; in it, the highest (block, attention, transformer) indices.
+        up = [n for n in self.reference_names if n.startswith("up_blocks.")]
+        last = max(up, key=lambda n: [int(x) for x in n.split(".") if x.isdigit()])
+        last = last.removesuffix("attn1.processor")  # "up_blocks.L.attentions.A.…blocks.T."
+        transformer = last.split("transformer_blocks.")[0]
+        block = ("attn1.", "norm2.", "attn2.", "norm3.", "ff.")
+        frozen = (*_REFERENCE_TAIL_PREFIXES, f"{transformer}proj_out.", *(last + b for b in block))
+        if self.config.freeze_reference_last_up_block:
+            frozen += (f"up_blocks.{len(self.dnet.up_blocks) - 1}.",)
+        return frozen
+
     def _reference_trainable(self, net: nn.Module) -> list[nn.Parameter]:
-        last_up = f"up_blocks.{len(net.up_blocks) - 1}."
-        frozen = (*_REFERENCE_FROZEN_PREFIXES, last_up)
+        frozen = self.reference_frozen_prefixes()
         return [p for n, p in net.named_parameters() if not n.startswith(frozen)]
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:

@@ -3,7 +3,8 @@
 * ``tiny``: the same classes with small channels for CPU (tests, the sample pipeline): pixel
   space with a 4× pixel-unshuffle (no pretrained VAE offline), U-Nets (32, 64), a 2-layer CLIP
   vision config trained with the rest, keypoint guider (8, 16, 32), x0 prediction, position
-  codes in dual reference fusion. ~3 M parameters.
+  codes and the locality bias in dual reference fusion, reference nets trained up to their
+  last recorded feature. ~3 M parameters.
 * ``sd15``: the SD 1.5 shape for ARNet, PRNet and DNet, the SD VAE, a CLIP ViT-L/14 image
   encoder, AnimateDiff-v2-shaped temporal module. :func:`load_sd15` fills them from local
   folders; ``build_model("sd15")`` gives the shape with random weights (benchmarks).
@@ -134,6 +135,10 @@ def tiny_config(
         "train_image_encoder": True,
         "prediction_type": "sample",  # x0: see DurianModel (pixel space, 48 → 32 channels)
         "reference_positions": True,  # random-init features carry no place: see attention.py
+        # Two of the four fusion points read the reference nets' last up block: random weights
+        # there must learn too (DurianModel.reference_frozen_prefixes).
+        "freeze_reference_last_up_block": False,
+        "reference_locality": True,  # fusion looked everywhere at once: see attention.py
     }
 
 

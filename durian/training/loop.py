@@ -42,7 +42,7 @@ from durian.training.state import (
     read_state,
     save_training_state,
 )
-from durian.training.step import training_loss
+from durian.training.step import timestep_weights, training_loss
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ResumeData = Literal["skip", "reseed"]
@@ -131,18 +131,26 @@ class BatchSource:
 class LossModule(torch.nn.Module):
     """The model whose forward is the training loss, so DDP wraps one ordinary forward."""
 
-    def __init__(self, model: torch.nn.Module, scheduler: Any, noise_offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        scheduler: Any,
+        noise_offset: float = 0.0,
+        timestep_weights: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.scheduler = scheduler
         self.noise_offset = noise_offset
+        self.timestep_weights = timestep_weights
 
     def forward(
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> torch.Tensor:
         return training_loss(
-            self.model, self.scheduler, batch, generator, noise_offset=self.noise_offset
-        )
+            self.model, self.scheduler, batch, generator, noise_offset=self.noise_offset,
+            timestep_weights=self.timestep_weights,
+        )  # fmt: skip
 
 
 def _amp_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -196,6 +204,9 @@ class Trainer:
         fixed_noise: bool = False,
         lr_scheduler: str = "constant",
         lr_warmup_steps: int = 0,
+        timestep_bias: str = "none",
+        timestep_bias_multiplier: float = 1.0,
+        timestep_bias_portion: float = 0.25,
     ) -> None:
         if resume_data not in ("skip", "reseed"):
             raise ValueError(f"resume_data must be skip or reseed, got {resume_data!r}")
@@ -225,7 +236,11 @@ class Trainer:
             num_training_steps=steps,
         )  # fmt: skip
         self.scheduler = noise_scheduler_for(model)
-        self.loss_module: torch.nn.Module = LossModule(model, self.scheduler, noise_offset)
+        weights = timestep_weights(
+            self.scheduler.config.num_train_timesteps, timestep_bias, timestep_bias_multiplier,
+            timestep_bias_portion,
+        )  # fmt: skip
+        self.loss_module: torch.nn.Module = LossModule(model, self.scheduler, noise_offset, weights)
         self.amp_dtype = _amp_dtype(mixed_precision, self.device)
         fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
@@ -285,6 +300,9 @@ class Trainer:
             resume_data=config.get("resume_data", "skip"),
             lr_scheduler=config.get("lr_scheduler", "constant"),
             lr_warmup_steps=config.get("lr_warmup_steps", 0),
+            timestep_bias=config.get("timestep_bias", "none"),
+            timestep_bias_multiplier=config.get("timestep_bias_multiplier", 1.0),
+            timestep_bias_portion=config.get("timestep_bias_portion", 0.25),
         )
 
     def wrap(self, wrapper: Callable[[torch.nn.Module], torch.nn.Module]) -> None:

@@ -19,7 +19,8 @@ Usage::
     loss = training_loss(model, scheduler, batch, generator)
     loss.backward()
 
-One timestep per clip (shared by its F frames); the stage is whatever ``model.set_stage`` chose.
+One timestep per clip (shared by its F frames), uniform or drawn from
+:func:`timestep_weights`; the stage is whatever ``model.set_stage`` chose.
 """
 
 from __future__ import annotations
@@ -42,6 +43,31 @@ BATCH_KEYS = (
 )
 
 
+TIMESTEP_BIAS_STRATEGIES = ("none", "later", "earlier")
+
+
+def timestep_weights(
+    num_timesteps: int, strategy: str = "none", multiplier: float = 1.0, portion: float = 0.25
+) -> torch.Tensor | None:
+    """Sampling weights of the training timesteps, the timestep bias of diffusers' SDXL
+    training script: ``later`` (``earlier``) multiplies the weight of the last (first)
+    ``portion`` of the timesteps by ``multiplier``. ``none`` → None (uniform). A model sampled
+    in few steps starts from the noisiest timesteps, which ``later`` trains more often."""
+    if strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise ValueError(
+            f"timestep bias must be one of {TIMESTEP_BIAS_STRATEGIES}, got {strategy!r}"
+        )
+    if strategy == "none":
+        return None
+    if multiplier <= 0 or not 0 < portion <= 1:
+        raise ValueError("timestep bias needs multiplier > 0 and 0 < portion <= 1")
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    n = max(1, round(portion * num_timesteps))
+    biased = slice(num_timesteps - n, None) if strategy == "later" else slice(0, n)
+    weights[biased] *= multiplier
+    return weights / weights.sum()
+
+
 def _randn(
     shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor
 ) -> torch.Tensor:
@@ -57,11 +83,13 @@ def training_loss(
     generator: torch.Generator | None = None,
     *,
     noise_offset: float = 0.0,
+    timestep_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar ε-prediction MSE (v or x0 prediction if the scheduler is configured for it).
 
     ``model`` may be a ``DurianModel`` or a DDP wrapper of one. ``generator`` drives the latent
-    sampling, the noise and the timesteps (one per clip, shared by its F frames).
+    sampling, the noise and the timesteps (one per clip, shared by its F frames; uniform, or
+    drawn with ``timestep_weights``, one weight per training timestep).
     """
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
@@ -78,9 +106,16 @@ def training_loss(
     if noise_offset:
         noise = noise + noise_offset * _randn((b * f, x0.shape[1], 1, 1), generator, x0)
     tdev = generator.device if generator is not None else x0.device
-    t = torch.randint(
-        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=tdev
-    ).to(x0.device)
+    n_t = scheduler.config.num_train_timesteps
+    if timestep_weights is None:
+        t = torch.randint(0, n_t, (b,), generator=generator, device=tdev)
+    else:
+        if timestep_weights.shape != (n_t,):
+            raise ValueError(
+                f"timestep_weights needs {n_t} entries, got {tuple(timestep_weights.shape)}"
+            )
+        t = torch.multinomial(timestep_weights.to(tdev), b, replacement=True, generator=generator)
+    t = t.to(x0.device)
     t_frames = t.repeat_interleave(f)
     noisy = scheduler.add_noise(x0, noise, t_frames)
     pred = model(

@@ -336,11 +336,55 @@ def test_reader_with_positions_adds_codes_to_queries_and_keys_only() -> None:
     assert not torch.allclose(out, plain, atol=1e-3)
 
 
+def test_locality_bias_is_distance_times_a_slope_per_head() -> None:
+    from durian.models.attention import locality_bias, locality_slopes
+
+    assert torch.equal(locality_slopes(4), torch.tensor([2.0, 1.0, 0.5, 0.25]))
+    fine = locality_bias(16 * 16, 1.0, 4, 3)  # frame + identity + one attribute grid
+    assert fine.shape == (4, 256, 768)
+    q = 5 * 16 + 7  # token (5, 7)
+    for grid in range(3):
+        row = fine[:, q, grid * 256 : (grid + 1) * 256]
+        assert torch.equal(row[:, q], torch.zeros(4))  # the same place: no penalty
+        assert torch.allclose(row[:, q + 1], -locality_slopes(4))  # one token right
+        assert torch.allclose(row[:, q + 16 * 3 + 4], -5 * locality_slopes(4))  # 3 down, 4 right
+    # one image place, one distance at every level: token (1, 2) of the 8-grid is (2, 4) of 16
+    coarse = locality_bias(8 * 8, 1.0, 4, 1)
+    assert torch.allclose(coarse[:, 0, 1 * 8 + 2], fine[:, 0, 2 * 16 + 4])
+
+
+def test_reader_with_locality_adds_the_bias_to_the_logits() -> None:
+    from durian.models.attention import locality_bias
+
+    attn = _attention()
+    x, port = torch.randn(2, 16, 16), torch.randn(2, 16, 16)  # a 4×4 token grid
+    keep = torch.tensor([True, False])  # the second sample's identity reference is dropped
+    state = FusionState(portrait={"blk": port}, keep_identity=keep, locality=True)
+    with torch.no_grad():
+        out = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        q = attn.to_q(x)
+        k = attn.to_k(torch.cat([x, port], 1))
+        v = attn.to_v(torch.cat([x, port], 1))
+        h = attn.heads
+        split = lambda t: t.view(2, t.shape[1], h, -1).transpose(1, 2)  # noqa: E731
+        logits = split(q) @ split(k).transpose(-1, -2) / (q.shape[-1] // h) ** 0.5
+        logits = logits + locality_bias(16, 1.0, h, 2)
+        logits[1, :, :, 16:] = float("-inf")
+        expected = logits.softmax(-1) @ split(v)
+        expected = attn.to_out[0](expected.transpose(1, 2).reshape(2, 16, -1))
+        state.locality = False
+        plain = DualReferenceAttnProcessor(state, "blk")(attn, x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, plain, atol=1e-3)
+
+
 def test_tiny_profile_starts_reference_nets_from_dnet_and_uses_positions() -> None:
     from durian.models.profiles import build_model
 
     model = build_model("tiny", resolution=SIZE)
     assert model.config.reference_positions and model.fusion.positions
+    assert model.config.reference_locality and model.fusion.locality
+    assert not model.config.freeze_reference_last_up_block
     dnet = model.dnet.state_dict()
     for net in model.reference_nets:
         for name, value in net.state_dict().items():
@@ -350,4 +394,4 @@ def test_tiny_profile_starts_reference_nets_from_dnet_and_uses_positions() -> No
             else:
                 assert torch.equal(value, dnet[name]), name
     model.fusion.clear()
-    assert model.fusion.positions  # a property of the model, not of one call
+    assert model.fusion.positions and model.fusion.locality  # of the model, not of one call
