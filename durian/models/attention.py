@@ -86,11 +86,17 @@ def grid_coordinates(length: int, aspect: float) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
-def grid_positions(length: int, aspect: float, dim: int) -> torch.Tensor:
+def grid_positions(
+    length: int,
+    aspect: float,
+    dim: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """(length, dim) sinusoidal codes of a row-major h×w token grid with w/h = ``aspect``:
     dim/4 frequencies each of sin/cos of y and x at the places of :func:`grid_coordinates`, so
-    one place in the image gets the same code at every U-Net level. Cached: treat the result as
-    read-only."""
+    one place in the image gets the same code at every U-Net level. Cached per device and
+    dtype (no copy per attention call): treat the result as read-only."""
     if dim % 4:
         raise ValueError(f"position codes need a channel count divisible by 4, got {dim}")
     places = grid_coordinates(length, aspect)
@@ -98,7 +104,7 @@ def grid_positions(length: int, aspect: float, dim: int) -> torch.Tensor:
     freq = 100.0 ** (-torch.arange(n) / n)
     y = places[:, :1] * freq
     x = places[:, 1:] * freq
-    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1).to(device, dtype)
 
 
 def locality_slopes(heads: int) -> torch.Tensor:
@@ -108,14 +114,22 @@ def locality_slopes(heads: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
-def locality_bias(length: int, aspect: float, heads: int, key_grids: int) -> torch.Tensor:
+def locality_bias(
+    length: int,
+    aspect: float,
+    heads: int,
+    key_grids: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """(heads, length, key_grids·length) additive logits ``−m_h·|p_q − p_k|`` between a frame's
     tokens and ``key_grids`` token grids of the same shape (the frame itself, the identity
-    reference, each attribute reference) laid one after another. Cached: read-only."""
+    reference, each attribute reference) laid one after another. Cached per device and dtype:
+    read-only."""
     places = grid_coordinates(length, aspect)
     dist = torch.cdist(places, places)  # (L, L) in 16-grid tokens
     bias = -locality_slopes(heads)[:, None, None] * dist
-    return bias.repeat(1, 1, key_grids)
+    return bias.repeat(1, 1, key_grids).to(device, dtype)
 
 
 @dataclass
@@ -148,7 +162,7 @@ class FusionState:
     def position_codes(self, length: int, dim: int, like: torch.Tensor) -> torch.Tensor | None:
         if not self.positions:
             return None
-        return grid_positions(length, self.aspect, dim).to(like.device, like.dtype)
+        return grid_positions(length, self.aspect, dim, like.device, like.dtype)
 
     def clear(self) -> None:
         self.num_frames = 1
@@ -222,8 +236,9 @@ class DualReferenceAttnProcessor:
             length = query.shape[1]
             if key.shape[1] % length:
                 raise ValueError("the locality bias needs reference grids of the frame's size")
-            bias = locality_bias(length, self.state.aspect, h, key.shape[1] // length)
-            bias = bias.to(query.device, query.dtype)[None]  # (1, heads, Lq, Lk)
+            bias = locality_bias(
+                length, self.state.aspect, h, key.shape[1] // length, query.device, query.dtype
+            )[None]  # (1, heads, Lq, Lk)
             if attn_mask is not None:  # dropped streams: -inf on their keys
                 bias = bias.masked_fill(~attn_mask, float("-inf"))
             attn_mask = bias
