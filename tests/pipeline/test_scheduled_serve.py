@@ -49,7 +49,8 @@ def _registry(project: Path) -> dict:
 
     c = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     try:
-        champion = c.get_model_version_by_alias("durian", "champion").version
+        # The sqlite store hands back an int here, the REST store a str: compare as str.
+        champion = str(c.get_model_version_by_alias("durian", "champion").version)
     except MlflowException:
         champion = None
     train = c.get_run(json.loads((project / "models" / "train.json").read_text())[
