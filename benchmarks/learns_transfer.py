@@ -32,10 +32,15 @@ model that cannot beat the noisy input at a noise level will not sample clean fr
 Every model is sampled with each ``--sample-steps`` DDIM step count, trailing spacing (the
 first step at t=999; a short-trained diffusion model often scores better with fewer steps, and
 one step is the tiny model's x0 estimate from pure noise; every method gets the same counts).
-Writes ``results.json`` (metrics, per-case numbers, loss curves, denoising check, timings),
-``samples_ddim<N>.png`` (rows: portrait | attribute | driving | each method | target) and the
-trained models (``models/<variant>``, ``save_pretrained``) to ``--out``. The budget is a
-step count, so results do not depend on machine load; the wall time of each phase is printed.
+Calibration rows (not methods) put the numbers in scale: the exact target blurred by σ = 1, 2,
+3 px, and Durian's output smoothed by σ = 1 px (the SSIM this gains is high-frequency noise in
+the output, not blur).
+
+Writes ``results.json`` (metrics, per-case numbers, loss curves, denoising check, calibration,
+timings), ``samples_ddim<N>.png`` (rows: portrait | attribute | driving | each method |
+target) and the trained models (``models/<variant>``, ``save_pretrained``) to ``--out``. The
+budget is a step count, so results do not depend on machine load; the wall time of each
+phase is printed.
 """
 
 from __future__ import annotations
@@ -258,6 +263,26 @@ def score(cases: list, outputs: list[np.ndarray]) -> dict[str, Any]:
     return {"mean": mean, "per_case": per_case}
 
 
+BLUR_SIGMAS = (1.0, 2.0, 3.0)
+
+
+def blurred(frames: np.ndarray, sigma: float) -> np.ndarray:
+    import cv2
+
+    return np.stack([cv2.GaussianBlur(f, (0, 0), sigma) for f in frames])
+
+
+def calibration(cases: list, durian: list[np.ndarray] | None) -> dict[str, dict[str, float]]:
+    """Reference points for reading the table, not methods: the exact target Gaussian-blurred
+    by σ px (what pure blur costs), and Durian's own output smoothed by σ=1 px (how much of its
+    error is high-frequency noise rather than wrong content)."""
+    rows = {f"target_blur{s:g}": score(cases, [blurred(c.target, s) for c in cases])["mean"]
+            for s in BLUR_SIGMAS}
+    if durian is not None:
+        rows["durian_smoothed1"] = score(cases, [blurred(o, 1.0) for o in durian])["mean"]
+    return rows
+
+
 def sample_grid(cases: list, outputs: dict[str, list[np.ndarray]], n: int) -> np.ndarray:
     """Rows: portrait (masked) | attribute (masked) | driving | each method | target."""
     rows = []
@@ -409,7 +434,7 @@ def main() -> None:
     copy_paste = [copy_paste_transfer(c) for c in cases]
     order = ["durian", "a_no_attribute", "b_copy_paste", "c_unmasked", "d_shared"]
     report: dict[str, Any] = {"results": {}, "by_category_psnr_attr": {}, "per_case": {},
-                              "verdict": {}}
+                              "verdict": {}, "calibration": {}}
     for steps, outs in outputs.items():
         outs["b_copy_paste"] = copy_paste
         outs = {k: outs[k] for k in order if k in outs}
@@ -436,6 +461,10 @@ def main() -> None:
         report["by_category_psnr_attr"][key] = by_category
         report["per_case"][key] = {k: v["per_case"] for k, v in scores.items()}
         report["verdict"][key] = verdict(results)
+        report["calibration"][key] = calibration(cases, outs.get("durian"))
+        print("calibration (not methods): " + "; ".join(
+            f"{k} {v['psnr_attr']:.2f} dB / {v['ssim']:.3f}"
+            for k, v in report["calibration"][key].items()))
     timings["total_s"] = time.perf_counter() - t0
     print(f"\ntotal wall time {timings['total_s'] / 60:.1f} min")
 
