@@ -5,7 +5,7 @@ numbers against exact ground truth; asserts nothing.
         [--steps 2400] [--batch 8] [--lr 1e-3] [--lr-schedule constant] [--widths 64 128]
         [--eval-cases 24] [--sample-steps 1 4 20] [--variants durian unmasked shared]
         [--target-frames 1] [--timestep-bias none] [--freeze-last-up] [--no-locality]
-        [--jobs 0] [--quick]
+        [--init-from DIR] [--jobs 0] [--quick]
 
 1. Generates synthetic portrait videos (``preprocessing.synthetic``: random identities with
    hair / glasses / hats / beards under random motion), crops them with the preprocessing crop
@@ -115,10 +115,13 @@ def train_variant(
 
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    model = build_model("tiny", resolution=RESOLUTION, widths=tuple(args.widths),
-                        shared_reference_net=variant == "shared",
-                        freeze_reference_last_up_block=args.freeze_last_up,
-                        reference_locality=not args.no_locality)
+    if args.init_from is not None:  # train further: a longer budget without starting over
+        model = load_variant(args.init_from, variant).train()
+    else:
+        model = build_model("tiny", resolution=RESOLUTION, widths=tuple(args.widths),
+                            shared_reference_net=variant == "shared",
+                            freeze_reference_last_up_block=args.freeze_last_up,
+                            reference_locality=not args.no_locality)
     pair = PairConfig(resolution=RESOLUTION, min_gap=4, mask_references=variant != "unmasked",
                       num_frames=args.target_frames, brightness=args.jitter,
                       contrast=args.jitter, saturation=args.jitter, hue=args.jitter / 10)
@@ -365,6 +368,9 @@ def main() -> None:
     p.add_argument("--no-locality", action="store_true",
                    help="no locality bias in dual reference fusion (the recipe up to session "
                         "4; durian.models.attention)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="an earlier --out: each variant continues from its saved model (its "
+                   "EMA weights; optimiser and EMA start afresh), --steps more steps")
     p.add_argument("--loader-workers", type=int, default=1)
     p.add_argument("--eval-cases", type=int, default=24)
     p.add_argument("--sample-steps", type=int, nargs="+", default=[1, 4, 20],
