@@ -275,15 +275,19 @@ def blurred(frames: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([cv2.GaussianBlur(f, (0, 0), sigma) for f in frames])
 
 
-def calibration(cases: list, durian: list[np.ndarray] | None) -> dict[str, dict[str, float]]:
-    """Reference points for reading the table, not methods: the exact target Gaussian-blurred
-    by σ px (what pure blur costs), and Durian's own output smoothed by σ=1 px (how much of its
-    error is high-frequency noise rather than wrong content)."""
-    rows = {f"target_blur{s:g}": score(cases, [blurred(c.target, s) for c in cases])["mean"]
+def target_blur_rows(cases: list) -> dict[str, dict[str, float]]:
+    """Calibration, not a method: the exact target Gaussian-blurred by σ px (what pure blur
+    costs). The same for every sampling step count."""
+    return {f"target_blur{s:g}": score(cases, [blurred(c.target, s) for c in cases])["mean"]
             for s in BLUR_SIGMAS}
-    if durian is not None:
-        rows["durian_smoothed1"] = score(cases, [blurred(o, 1.0) for o in durian])["mean"]
-    return rows
+
+
+def smoothed_rows(cases: list, durian: list[np.ndarray] | None) -> dict[str, dict[str, float]]:
+    """Calibration, not a method: Durian's output smoothed by σ=1 px (how much of its error is
+    high-frequency noise rather than wrong content)."""
+    if durian is None:
+        return {}
+    return {"durian_smoothed1": score(cases, [blurred(o, 1.0) for o in durian])["mean"]}
 
 
 def sample_grid(cases: list, outputs: dict[str, list[np.ndarray]], n: int) -> np.ndarray:
@@ -438,6 +442,7 @@ def main() -> None:
         print(f"{variant}: {args.steps} steps in {info['train_s']:.0f} s, final loss "
               f"{info['final_loss']:.4f}; sampling {info['eval_s']:.0f} s", flush=True)
     copy_paste = [copy_paste_transfer(c) for c in cases]
+    blur_rows = target_blur_rows(cases)
     order = ["durian", "a_no_attribute", "b_copy_paste", "c_unmasked", "d_shared"]
     report: dict[str, Any] = {"results": {}, "by_category_psnr_attr": {}, "per_case": {},
                               "verdict": {}, "calibration": {}}
@@ -467,7 +472,7 @@ def main() -> None:
         report["by_category_psnr_attr"][key] = by_category
         report["per_case"][key] = {k: v["per_case"] for k, v in scores.items()}
         report["verdict"][key] = verdict(results)
-        report["calibration"][key] = calibration(cases, outs.get("durian"))
+        report["calibration"][key] = blur_rows | smoothed_rows(cases, outs.get("durian"))
         print("calibration (not methods): " + "; ".join(
             f"{k} {v['psnr_attr']:.2f} dB / {v['ssim']:.3f}"
             for k, v in report["calibration"][key].items()))
