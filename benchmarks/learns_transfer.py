@@ -33,8 +33,10 @@ Every model is sampled with each ``--sample-steps`` DDIM step count, trailing sp
 first step at t=999; a short-trained diffusion model often scores better with fewer steps, and
 one step is the tiny model's x0 estimate from pure noise; every method gets the same counts).
 Calibration rows (not methods) put the numbers in scale: the exact target blurred by σ = 1, 2,
-3 px, and Durian's output smoothed by σ = 1 px (the SSIM this gains is high-frequency noise in
-the output, not blur).
+3 px; Durian's output smoothed by σ = 1 px (the SSIM this gains is high-frequency noise in the
+output, not blur); and Durian's output averaged over 4 initial noises (the SSIM its sample's
+dependence on the sampling noise costs: the one-step x0 estimate of an exact model would hardly
+depend on it).
 
 Writes ``results.json`` (metrics, per-case numbers, loss curves, denoising check, calibration,
 timings), ``samples_ddim<N>.png`` (rows: portrait | attribute | driving | each method |
@@ -174,7 +176,8 @@ def load_variant(out: Path, variant: str) -> Any:
 
 # ----------------------------------------------------------------------------- evaluation
 def run_model(model: Any, cases: list, args: argparse.Namespace, steps: int, *,
-              unmasked: bool = False, drop_attribute: bool = False) -> list[np.ndarray]:
+              unmasked: bool = False, drop_attribute: bool = False,
+              seed: int | None = None) -> list[np.ndarray]:
     import torch
 
     from durian.models.profiles import make_noise_scheduler
@@ -197,7 +200,7 @@ def run_model(model: Any, cases: list, args: argparse.Namespace, steps: int, *,
                 case.keypoints,
                 num_inference_steps=steps,
                 guidance_scale=args.guidance,
-                generator=torch.Generator().manual_seed(args.seed),
+                generator=torch.Generator().manual_seed(args.seed if seed is None else seed),
                 drop_attribute=drop_attribute,
             ).frames
         )
@@ -282,12 +285,32 @@ def target_blur_rows(cases: list) -> dict[str, dict[str, float]]:
             for s in BLUR_SIGMAS}
 
 
-def smoothed_rows(cases: list, durian: list[np.ndarray] | None) -> dict[str, dict[str, float]]:
-    """Calibration, not a method: Durian's output smoothed by σ=1 px (how much of its error is
-    high-frequency noise rather than wrong content)."""
-    if durian is None:
-        return {}
-    return {"durian_smoothed1": score(cases, [blurred(o, 1.0) for o in durian])["mean"]}
+NOISE_DRAWS = 4
+
+
+def noise_averaged(model: Any, cases: list, args: argparse.Namespace, steps: int,
+                   first: list[np.ndarray]) -> list[np.ndarray]:
+    """Durian's outputs averaged over ``NOISE_DRAWS`` initial noises (``first`` is the seed-
+    ``args.seed`` one already sampled)."""
+    draws = [first] + [run_model(model, cases, args, steps, seed=args.seed + k)
+                       for k in range(1, NOISE_DRAWS)]
+    return [np.mean([d[i].astype(np.float32) for d in draws], axis=0).round().astype(np.uint8)
+            for i in range(len(cases))]
+
+
+def smoothed_rows(cases: list, durian: list[np.ndarray] | None,
+                  averaged: list[np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """Calibration, not methods: Durian's output smoothed by σ=1 px (how much of its error is
+    high-frequency noise rather than wrong content), and averaged over ``NOISE_DRAWS`` initial
+    noises (how much is the sample's dependence on the sampling noise: with one DDIM step the
+    output is the model's x0 estimate from pure noise, which an exact model would make almost
+    independent of that noise, as √ᾱ at t=999 is 0.07)."""
+    rows = {}
+    if durian is not None:
+        rows["durian_smoothed1"] = score(cases, [blurred(o, 1.0) for o in durian])["mean"]
+    if averaged is not None:
+        rows[f"durian_noise_mean{NOISE_DRAWS}"] = score(cases, averaged)["mean"]
+    return rows
 
 
 def sample_grid(cases: list, outputs: dict[str, list[np.ndarray]], n: int) -> np.ndarray:
@@ -418,6 +441,7 @@ def main() -> None:
 
     # outputs[steps][method]: every sampled method at every DDIM step count.
     outputs: dict[int, dict[str, list[np.ndarray]]] = {s: {} for s in args.sample_steps}
+    averaged: dict[int, list[np.ndarray]] = {}  # calibration: Durian over NOISE_DRAWS noises
     t1 = time.perf_counter()
     training = train_all(shards, bank, args)
     timings["train_s"] = time.perf_counter() - t1
@@ -434,6 +458,8 @@ def main() -> None:
             if variant == "durian":
                 outputs[steps]["a_no_attribute"] = run_model(model, cases, args, steps,
                                                              drop_attribute=True)
+                averaged[steps] = noise_averaged(model, cases, args, steps,
+                                                 outputs[steps]["durian"])
         info["denoising"] = denoising_check(model, cases, unmasked=variant == "unmasked")
         info["eval_s"] = time.perf_counter() - t1
         print(f"{variant}: one-step x0 L1 on held-out cases by t: " + ", ".join(
@@ -472,7 +498,8 @@ def main() -> None:
         report["by_category_psnr_attr"][key] = by_category
         report["per_case"][key] = {k: v["per_case"] for k, v in scores.items()}
         report["verdict"][key] = verdict(results)
-        report["calibration"][key] = blur_rows | smoothed_rows(cases, outs.get("durian"))
+        report["calibration"][key] = blur_rows | smoothed_rows(cases, outs.get("durian"),
+                                                               averaged.get(steps))
         print("calibration (not methods): " + "; ".join(
             f"{k} {v['psnr_attr']:.2f} dB / {v['ssim']:.3f}"
             for k, v in report["calibration"][key].items()))
