@@ -4,7 +4,8 @@ numbers against exact ground truth; asserts nothing.
     python benchmarks/learns_transfer.py [--out DIR] [--train-videos 640] [--frames 16]
         [--steps 2400] [--batch 8] [--lr 1e-3] [--lr-schedule constant] [--widths 64 128]
         [--eval-cases 24] [--sample-steps 1 4 20] [--variants durian unmasked shared]
-        [--target-frames 1] [--timestep-bias none] [--freeze-last-up] [--no-locality]
+        [--target-frames 1] [--timestep-bias none] [--zero-terminal-snr] [--freeze-last-up]
+        [--no-locality]
         [--init-from DIR] [--jobs 0] [--quick]
 
 1. Generates synthetic portrait videos (``preprocessing.synthetic``: random identities with
@@ -123,7 +124,8 @@ def train_variant(
         model = build_model("tiny", resolution=RESOLUTION, widths=tuple(args.widths),
                             shared_reference_net=variant == "shared",
                             freeze_reference_last_up_block=args.freeze_last_up,
-                            reference_locality=not args.no_locality)
+                            reference_locality=not args.no_locality,
+                            zero_terminal_snr=args.zero_terminal_snr)
     pair = PairConfig(resolution=RESOLUTION, min_gap=4, mask_references=variant != "unmasked",
                       num_frames=args.target_frames, brightness=args.jitter,
                       contrast=args.jitter, saturation=args.jitter, hue=args.jitter / 10)
@@ -388,6 +390,9 @@ def main() -> None:
                    help="diffusers' timestep bias of training (durian.training.step)")
     p.add_argument("--timestep-bias-multiplier", type=float, default=3.0)
     p.add_argument("--timestep-bias-portion", type=float, default=0.3)
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="the noise schedule rescaled to zero SNR at t=999 (DurianModel): the "
+                        "first sampling step then sees no signal at all")
     p.add_argument("--freeze-last-up", action="store_true",
                    help="freeze the reference nets' last up block ([base] with SD weights; "
                         "the recipe up to session 4): two of the four fusion points then read "
