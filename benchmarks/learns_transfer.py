@@ -300,7 +300,7 @@ def noise_averaged(model: Any, cases: list, args: argparse.Namespace, steps: int
             for i in range(len(cases))]
 
 
-def smoothed_rows(cases: list, durian: list[np.ndarray] | None,
+def durian_calibration_rows(cases: list, durian: list[np.ndarray] | None,
                   averaged: list[np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """Calibration, not methods: Durian's output smoothed by σ=1 px (how much of its error is
     high-frequency noise rather than wrong content), and averaged over ``NOISE_DRAWS`` initial
@@ -396,7 +396,8 @@ def main() -> None:
     p.add_argument("--timestep-bias-portion", type=float, default=0.3)
     p.add_argument("--zero-terminal-snr", action="store_true",
                    help="the noise schedule rescaled to zero SNR at t=999 (DurianModel): the "
-                        "first sampling step then sees no signal at all")
+                        "first sampling step then sees no signal at all (a fresh model only: "
+                        "--init-from keeps the saved model's schedule)")
     p.add_argument("--freeze-last-up", action="store_true",
                    help="freeze the reference nets' last up block ([base] with SD weights; "
                         "the recipe up to session 4): two of the four fusion points then read "
@@ -507,8 +508,8 @@ def main() -> None:
         report["by_category_psnr_attr"][key] = by_category
         report["per_case"][key] = {k: v["per_case"] for k, v in scores.items()}
         report["verdict"][key] = verdict(results)
-        report["calibration"][key] = blur_rows | smoothed_rows(cases, outs.get("durian"),
-                                                               averaged.get(steps))
+        report["calibration"][key] = blur_rows | durian_calibration_rows(cases, outs.get("durian"),
+                                                                        averaged.get(steps))
         print("calibration (not methods): " + "; ".join(
             f"{k} {v['psnr_attr']:.2f} dB / {v['ssim']:.3f}"
             for k, v in report["calibration"][key].items()))
