@@ -6,7 +6,7 @@ numbers against exact ground truth; asserts nothing.
         [--eval-cases 24] [--sample-steps 1 4 20] [--variants durian unmasked shared]
         [--target-frames 1] [--timestep-bias none] [--zero-terminal-snr] [--freeze-last-up]
         [--no-locality]
-        [--init-from DIR] [--jobs 0] [--quick]
+        [--init-from DIR] [--jobs 0] [--device cpu] [--quick]
 
 1. Generates synthetic portrait videos (``preprocessing.synthetic``: random identities with
    hair / glasses / hats / beards under random motion), crops them with the preprocessing crop
@@ -132,7 +132,7 @@ def train_variant(
     source = BatchSource(shards, pair, args.batch, mask_bank=bank, num_workers=args.loader_workers)
     trainer = Trainer(
         model, source, stage=1, steps=args.steps, lr=args.lr, seed=args.seed,
-        max_grad_norm=1.0, ema_decay=args.ema, lr_scheduler=args.lr_schedule,
+        max_grad_norm=1.0, ema_decay=args.ema, lr_scheduler=args.lr_schedule, device=args.device,
         lr_warmup_steps=args.warmup, timestep_bias=args.timestep_bias,
         timestep_bias_multiplier=args.timestep_bias_multiplier,
         timestep_bias_portion=args.timestep_bias_portion,
@@ -170,10 +170,10 @@ def train_all(shards: list[str], bank: Any, args: argparse.Namespace) -> dict[st
         return {v: f.result() for v, f in futures.items()}
 
 
-def load_variant(out: Path, variant: str) -> Any:
+def load_variant(out: Path, variant: str, device: str = "cpu") -> Any:
     from durian.models.durian_model import DurianModel
 
-    return DurianModel.from_pretrained(str(out / "models" / variant)).eval()
+    return DurianModel.from_pretrained(str(out / "models" / variant)).to(device).eval()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -254,7 +254,7 @@ def denoising_check(model: Any, cases: list, unmasked: bool = False) -> dict[str
             target = batch["target"]
             with torch.no_grad():
                 x0 = predict_x0(model, sched, batch, t, seed=i)
-            errs.append(float((x0.clamp(-1, 1) - target).abs().mean() / 2))
+            errs.append(float((x0.cpu().clamp(-1, 1) - target).abs().mean() / 2))
             noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(i))
             noisy = (target * a**0.5 + noise * (1 - a) ** 0.5) / a**0.5
             trivial.append(float((noisy.clamp(-1, 1) - target).abs().mean() / 2))
@@ -420,6 +420,9 @@ def main() -> None:
                    choices=["durian", "unmasked", "shared"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu",
+                   help="where training and sampling run (cuda on a GPU machine: the same "
+                        "benchmark with a budget --steps a CPU cannot afford)")
     p.add_argument("--quick", action="store_true", help="a minutes-long smoke run")
     p.add_argument("--jobs", type=int, default=0,
                    help="variants trained at once, each in its own process (0: all)")
@@ -459,7 +462,7 @@ def main() -> None:
           f"{timings['train_s'] / 60:.1f} min", flush=True)
     for variant in args.variants:
         info = training[variant]
-        model = load_variant(args.out, variant)
+        model = load_variant(args.out, variant, args.device)
         t1 = time.perf_counter()
         label = {"durian": "durian", "unmasked": "c_unmasked", "shared": "d_shared"}[variant]
         for steps in args.sample_steps:
