@@ -4,8 +4,8 @@ numbers against exact ground truth; asserts nothing.
     python benchmarks/learns_transfer.py [--out DIR] [--train-videos 640] [--frames 16]
         [--steps 2400] [--batch 8] [--lr 1e-3] [--lr-schedule constant] [--widths 64 128]
         [--eval-cases 24] [--sample-steps 1 4 20] [--variants durian unmasked shared]
-        [--target-frames 1] [--timestep-bias none] [--zero-terminal-snr] [--freeze-last-up]
-        [--no-locality]
+        [--target-frames 1] [--timestep-bias later] [--[no-]zero-terminal-snr]
+        [--freeze-last-up] [--no-locality]
         [--init-from DIR] [--jobs 0] [--device cpu] [--quick]
 
 1. Generates synthetic portrait videos (``preprocessing.synthetic``: random identities with
@@ -390,11 +390,14 @@ def main() -> None:
                    help="frames of one training video reconstructed from the same reference "
                         "pair in one example (stage 1 has no temporal layers, so they are "
                         "independent images; the reference nets run once for all of them)")
-    p.add_argument("--timestep-bias", default="none", choices=["none", "later", "earlier"],
-                   help="diffusers' timestep bias of training (durian.training.step)")
+    p.add_argument("--timestep-bias", default="later", choices=["none", "later", "earlier"],
+                   help="diffusers' timestep bias of training (durian.training.step). With "
+                        "--zero-terminal-snr, later (x3 on the last 30%%) scored SSIM 0.589 vs "
+                        "0.572 at one DDIM step and equal attribute PSNR (15.59 vs 15.62 dB) in "
+                        "full runs: the one-step sample depends less on the sampling noise")
     p.add_argument("--timestep-bias-multiplier", type=float, default=3.0)
     p.add_argument("--timestep-bias-portion", type=float, default=0.3)
-    p.add_argument("--zero-terminal-snr", action="store_true",
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=True,
                    help="the noise schedule rescaled to zero SNR at t=999 (DurianModel): the "
                         "first sampling step then sees no signal at all (a fresh model only: "
                         "--init-from keeps the saved model's schedule)")
