@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import random_image, rect_mask, tiny_model
 
+from durian.data.masks import apply_mask
+from durian.data.pairs import collate_examples, to_torch
 from durian.models.durian_model import DurianModel
 from durian.models.profiles import make_noise_scheduler
 from durian.pipelines.pipeline_durian import DurianPipeline, temporal_windows
@@ -37,6 +39,58 @@ def test_output_frames_and_seeds(pipe, video_inputs) -> None:
     assert a.shape == (4, 64, 64, 3) and a.dtype == np.uint8
     assert np.array_equal(a, run(pipe, video_inputs, seed=0))
     assert not np.array_equal(a, run(pipe, video_inputs, seed=1))
+
+
+def test_sampler_feeds_the_model_what_training_does(pipe, video_inputs) -> None:
+    """The pipeline's DDIM loop equals DDIM steps on the training path's predictions for the
+    loader's batch of the same images (data.pairs: masked references, keypoints in [0, 1]): a
+    model then samples from the inputs it was trained on."""
+    inp = video_inputs
+    frames = len(inp["keypoint_images"])
+    example = {
+        "target": np.zeros((frames, 64, 64, 3), np.uint8),  # not read: the sampler makes it
+        "identity_ref": apply_mask(inp["portrait"], ~inp["portrait_mask"]),
+        "identity_mask": inp["portrait_mask"],
+        "attribute_ref": apply_mask(inp["attribute_image"], inp["attribute_mask"]),
+        "attribute_mask": inp["attribute_mask"],
+        "keypoints": inp["keypoint_images"],
+        "drop_identity": False,
+        "drop_attribute": False,
+        "category": "hair",
+        "key": "case",
+    }
+    batch = collate_examples([to_torch(example)])
+    steps = 2
+    sampled = run(pipe, inp, num_inference_steps=steps, guidance_scale=1.0, output_type="latent")
+
+    def training_path(identity_ref: torch.Tensor) -> torch.Tensor:
+        model = pipe.model
+        scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(steps)
+        shape = (frames, model.latent_channels, 16, 16)
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            with torch.no_grad():
+                pred = model(
+                    scheduler.scale_model_input(latents, t),
+                    t.expand(frames),
+                    identity_ref=identity_ref,
+                    identity_mask=batch["identity_mask"],
+                    attribute_ref=batch["attribute_ref"],
+                    attribute_mask=batch["attribute_mask"],
+                    keypoints=batch["keypoints"].flatten(0, 1),
+                    num_frames=frames,
+                    drop_identity=batch["drop_identity"],
+                    drop_attribute=batch["drop_attribute"],
+                )
+            latents = scheduler.step(pred, t, latents).prev_sample
+        return latents
+
+    assert torch.allclose(sampled, training_path(batch["identity_ref"]), atol=1e-4)
+    # the comparison sees the inputs: the portrait unmasked is another model input
+    unmasked = collate_examples([to_torch({**example, "identity_ref": inp["portrait"]})])
+    assert not torch.allclose(sampled, training_path(unmasked["identity_ref"]), atol=1e-3)
 
 
 @pytest.mark.parametrize(
