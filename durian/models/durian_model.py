@@ -27,12 +27,14 @@ Parameterisation: ``prediction_type`` is what DNet predicts: ``epsilon`` (the pa
 is 48 channels, more than the tiny U-Net's 32: ε cannot be represented at all, and an imperfect
 ε or v leaves pixel noise in every DDIM step, while an x0 prediction is an image at every step
 (600-step trials of the benchmarks/learns_transfer.py recipe: 4-step DDIM SSIM 0.03 with v,
-0.29 with x0). ``zero_terminal_snr`` rescales the noise schedule so that the last timestep is
-pure noise (Lin et al. 2024), sampled with trailing timesteps: SD's schedule leaves 7% of the
-image (√ᾱ ≈ 0.07) in its last step, and a model trained on it copies some of the sampling
-noise into its output. Off by default: in the learns-transfer trials it raised whole-frame
-SSIM (+0.02–0.03) but cost about 0.5 dB of attribute-region PSNR. Trainer and pipeline take
-the schedule from here (``profiles.scheduler_settings``).
+0.29 with x0; with U-Net widths 64 128 and 800 steps, one-step SSIM 0.41 with v, 0.56 with x0,
+4-step 0.07 with v, and ε's samples are noise at any step count). ``zero_terminal_snr``
+rescales the noise schedule so that the last timestep is pure noise (Lin et al. 2024), sampled
+with trailing timesteps: SD's schedule leaves 7% of the image (√ᾱ ≈ 0.07) in its last step, and
+a model trained on it copies some of the sampling noise into its output. Off by default: in the
+learns-transfer trials it raised whole-frame SSIM (+0.02–0.03) but cost about 0.5 dB of
+attribute-region PSNR. Trainer and pipeline take the schedule from here
+(``profiles.scheduler_settings``).
 
 Ablation ``shared_reference_net=True`` (the paper's "one shared ReferenceNet on a
 channel-concatenated input", method note §2): a single reference U-Net, held as ``arnet``
