@@ -32,10 +32,11 @@ from durian.data.clip import Clip
 from durian.data.keypoints import render_keypoint_sequence
 from durian.data.masks import (
     MaskExpander,
-    apply_mask,
     attribute_mask,
+    attribute_reference,
     categories_present,
     identity_of,
+    identity_reference,
 )
 
 TENSOR_KEYS: tuple[str, ...] = (
@@ -268,9 +269,9 @@ def make_example(
         mask_p, mask_a = np.zeros_like(mask_p), np.ones_like(mask_a)
     return {
         "target": targets,
-        "identity_ref": apply_mask(img_p, ~mask_p),
+        "identity_ref": identity_reference(img_p, mask_p),
         "identity_mask": mask_p,
-        "attribute_ref": apply_mask(img_a, mask_a),
+        "attribute_ref": attribute_reference(img_a, mask_a),
         "attribute_mask": mask_a,
         "keypoints": keypoints,
         "drop_identity": drop_identity,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_image, rect_mask, tiny_model
+from conftest import SIZE, random_image, rect_mask, tiny_model
 
-from durian.data.masks import apply_mask
+from durian.data.masks import attribute_reference, identity_reference
 from durian.data.pairs import collate_examples, to_torch
 from durian.models.durian_model import DurianModel
 from durian.models.profiles import make_noise_scheduler
@@ -48,10 +48,10 @@ def test_sampler_feeds_the_model_what_training_does(pipe, video_inputs) -> None:
     inp = video_inputs
     frames = len(inp["keypoint_images"])
     example = {
-        "target": np.zeros((frames, 64, 64, 3), np.uint8),  # not read: the sampler makes it
-        "identity_ref": apply_mask(inp["portrait"], ~inp["portrait_mask"]),
+        "target": np.zeros((frames, SIZE, SIZE, 3), np.uint8),  # not read: the sampler makes it
+        "identity_ref": identity_reference(inp["portrait"], inp["portrait_mask"]),
         "identity_mask": inp["portrait_mask"],
-        "attribute_ref": apply_mask(inp["attribute_image"], inp["attribute_mask"]),
+        "attribute_ref": attribute_reference(inp["attribute_image"], inp["attribute_mask"]),
         "attribute_mask": inp["attribute_mask"],
         "keypoints": inp["keypoint_images"],
         "drop_identity": False,
@@ -67,7 +67,7 @@ def test_sampler_feeds_the_model_what_training_does(pipe, video_inputs) -> None:
         model = pipe.model
         scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
         scheduler.set_timesteps(steps)
-        shape = (frames, model.latent_channels, 16, 16)
+        shape = (frames, model.latent_channels) + (SIZE // model.latent_downscale,) * 2
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
