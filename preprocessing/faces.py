@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2
@@ -276,57 +277,103 @@ def _match(prev: np.ndarray, faces: np.ndarray) -> int | None:
     return best if d[best] < face_size(prev) else None
 
 
-def select_track(
+@dataclass(frozen=True)
+class FaceTrack:
+    """The one face a clip is about, and the frames where another sizeable face was seen."""
+
+    landmarks: np.ndarray  # (T, 478, 3) float32, frame pixels, gaps linearly interpolated
+    # Frames with another face >= second_face_min_ratio x the tracked one, in a clip that was
+    # kept because no such face was persistent (a false detection, a passer-by).
+    stray_frames: tuple[int, ...] = ()
+
+
+def _link(per_frame: Sequence[np.ndarray]) -> list[dict[int, int]]:
+    """Every face of the clip linked into tracks (frame -> face index) in one forward pass.
+
+    A track continues from its last landmarks by ``_match`` (so across frames where it is
+    missing); larger faces claim their continuation first; an unclaimed face starts a track.
+    """
+    tracks: list[dict[int, int]] = []
+    last: list[np.ndarray] = []
+    for i, faces in enumerate(per_frame):
+        free = list(range(len(faces)))
+        for k in sorted(range(len(tracks)), key=lambda k: -float(face_size(last[k]))):
+            if not free:
+                break
+            j = _match(last[k], faces[free])
+            if j is not None:
+                tracks[k][i] = free.pop(j)
+                last[k] = faces[tracks[k][i]]
+        for j in free:
+            tracks.append({i: j})
+            last.append(faces[j])
+    return tracks
+
+
+def track_face(
     per_frame: Sequence[np.ndarray],
     min_face_size: float,
     max_missing_fraction: float = 0.2,
-    max_second_face_ratio: float = 0.5,
-) -> np.ndarray:
-    """The one dominant face of a clip as (T, 478, 3) float32, gaps linearly interpolated.
+    second_face_min_ratio: float = 0.5,
+    second_face_min_fraction: float = 0.5,
+) -> FaceTrack:
+    """The one dominant face of a clip, gaps linearly interpolated, and its stray frames.
 
-    Seeds the track at the largest face of the clip and follows it forwards and backwards by
-    box IoU (nearest centre as fallback). Raises ClipRejected:
-      * ``no_face``: no face anywhere, or the track is missing in more than
+    All faces are linked into tracks by box IoU (nearest centre as fallback); the main track
+    is the one with the most screen presence (sum of its face sizes over frames), so a large
+    face seen in a few frames does not take over from the face seen throughout. Another face
+    *counts* in a frame when its size is >= ``second_face_min_ratio`` x the main face's (its
+    size interpolated where missing); smaller background faces never count. Raises
+    ClipRejected:
+      * ``no_face``: no face anywhere, or the main track is missing in more than
         ``max_missing_fraction`` of the frames;
-      * ``multiple_faces``: in some frame another face is larger than
-        ``max_second_face_ratio`` times the tracked one (small background faces are fine);
+      * ``multiple_faces``: one other track (the same face, followed like the main one)
+        counts in at least ``second_face_min_fraction`` of the frames — a second person.
+        Counting per track, not per frame, keeps false detections that jump around (and a
+        passer-by seen in fewer frames) from adding up to a rejection; such frames are kept
+        and listed in ``stray_frames``. A single image (T=1) is rejected for any face that
+        counts;
       * ``face_too_small``: the median tracked face size is below ``min_face_size`` pixels.
     """
     t = len(per_frame)
     if t == 0:
         raise ValueError("empty clip")
+    if not second_face_min_ratio > 0:
+        raise ValueError(f"second_face_min_ratio must be > 0, got {second_face_min_ratio}")
+    if not 0 < second_face_min_fraction <= 1:
+        raise ValueError(
+            f"second_face_min_fraction must be in (0, 1], got {second_face_min_fraction}"
+        )
     sizes = [face_size(f) if len(f) else np.zeros(0) for f in per_frame]
     if not any(len(s) for s in sizes):
         raise ClipRejected("no_face", f"no face in any of {t} frames")
-    seed = max((i for i in range(t) if len(sizes[i])), key=lambda i: sizes[i].max())
-    chosen: list[int | None] = [None] * t
-    chosen[seed] = int(sizes[seed].argmax())
-    for order in (range(seed + 1, t), range(seed - 1, -1, -1)):
-        last = per_frame[seed][chosen[seed]]
-        for i in order:
-            j = _match(last, per_frame[i])
-            chosen[i] = j
-            if j is not None:
-                last = per_frame[i][j]
-    present = np.array([c is not None for c in chosen])
+    tracks = _link(per_frame)
+    main = max(tracks, key=lambda tr: sum(float(sizes[i][j]) for i, j in tr.items()))
+    present = np.array([i in main for i in range(t)])
     missing = 1.0 - present.mean()
     if missing > max_missing_fraction:
         raise ClipRejected(
             "no_face", f"face missing in {missing:.0%} of frames (max {max_missing_fraction:.0%})"
         )
-    for i, j in enumerate(chosen):
-        if j is None or len(per_frame[i]) < 2:
+    idx = np.flatnonzero(present)
+    main_size = np.interp(np.arange(t), idx, [sizes[i][main[i]] for i in idx])
+    stray: set[int] = set()
+    for tr in tracks:
+        if tr is main:
             continue
-        others = np.delete(sizes[i], j)
-        if others.max() > max_second_face_ratio * sizes[i][j]:
+        frames = [i for i, j in tr.items() if sizes[i][j] >= second_face_min_ratio * main_size[i]]
+        stray.update(frames)
+        if frames and len(frames) / t >= second_face_min_fraction:
+            ratio = max(sizes[i][tr[i]] / main_size[i] for i in frames)
             raise ClipRejected(
                 "multiple_faces",
-                f"frame {i}: second face {others.max():.0f}px vs main {sizes[i][j]:.0f}px",
+                f"a second face in {len(frames)} of {t} frames (from frame {frames[0]}; "
+                f"up to {ratio:.2f}x the main face; rejected from "
+                f"{second_face_min_fraction:.0%} of frames at >= {second_face_min_ratio:g}x)",
             )
     track = np.zeros((t, NUM_LANDMARKS, 3), np.float32)
-    for i, j in enumerate(chosen):
-        if j is not None:
-            track[i] = per_frame[i][j]
+    for i, j in main.items():
+        track[i] = per_frame[i][j]
     median_size = float(np.median(face_size(track[present])))
     if median_size < min_face_size:
         raise ClipRejected(
@@ -334,11 +381,24 @@ def select_track(
         )
     if not present.all():
         # Per coordinate linear interpolation over time; np.interp holds the end values.
-        idx = np.flatnonzero(present)
         flat = track.reshape(t, -1)
         for k in range(flat.shape[1]):
             flat[:, k] = np.interp(np.arange(t), idx, flat[idx, k])
-    return track
+    return FaceTrack(track, tuple(sorted(stray)))
+
+
+def select_track(
+    per_frame: Sequence[np.ndarray],
+    min_face_size: float,
+    max_missing_fraction: float = 0.2,
+    second_face_min_ratio: float = 0.5,
+    second_face_min_fraction: float = 0.5,
+) -> np.ndarray:
+    """The landmarks (T, 478, 3) float32 of :func:`track_face` (same rules, same errors)."""
+    return track_face(
+        per_frame, min_face_size, max_missing_fraction,
+        second_face_min_ratio, second_face_min_fraction,
+    ).landmarks  # fmt: skip
 
 
 def _smooth(x: np.ndarray, window: int) -> np.ndarray:

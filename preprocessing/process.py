@@ -16,7 +16,7 @@ from preprocessing.faces import (
     crop_labels,
     face_size,
     landmarks_to_crop,
-    select_track,
+    track_face,
 )
 from preprocessing.parsing import FaceParser
 
@@ -32,6 +32,8 @@ class ProcessedClip:
     parser_name: str
     parser_version: str
     parser_classes: list[str] = field(default_factory=lambda: list(LABELS))
+    # Frames with another sizeable face that was not persistent enough to reject the clip.
+    stray_face_frames: list[int] = field(default_factory=list)
 
     def meta(self) -> dict[str, Any]:
         """The crop/parser part of a shard sample's json (plain JSON types)."""
@@ -42,6 +44,7 @@ class ProcessedClip:
                 "version": self.parser_version,
                 "classes": list(self.parser_classes),
             },
+            "stray_face_frames": [int(i) for i in self.stray_face_frames],
         }
 
 
@@ -57,6 +60,8 @@ def process_clip(
     ground_truth: dict[str, np.ndarray] | None = None,
     max_missing_fraction: float = 0.2,
     smooth_window: int = 5,
+    second_face_min_ratio: float = 0.5,
+    second_face_min_fraction: float = 0.5,
 ) -> ProcessedClip:
     """Crop one clip around its single face and label it; raises ClipRejected.
 
@@ -64,12 +69,15 @@ def process_clip(
     ``{"landmarks": (T,478,3) source pixels, "parsing": (T,H,W) uint8 source labels}``; then
     no detector or parser runs, the labels are cropped with nearest neighbour and the parser
     is recorded as ``ground_truth`` (version ``ground_truth["version"]`` if given). The same
-    face-size rule applies either way.
+    face-size rule applies either way. ``second_face_*``: when another face rejects the clip
+    (see :func:`preprocessing.faces.track_face`); the frames where one was seen without
+    rejecting it are ``stray_face_frames``.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T,H,W,3) uint8, got {frames.shape} {frames.dtype}")
     t, h, w, _ = frames.shape
+    stray: list[int] = []
     if ground_truth is not None:
         track = np.asarray(ground_truth["landmarks"], np.float32)
         labels = np.asarray(ground_truth["parsing"])
@@ -87,7 +95,11 @@ def process_clip(
         if analyzer is None or parser is None:
             raise ValueError("process_clip needs an analyzer and a parser without ground_truth")
         per_frame = analyzer.landmarks(frames, fps)
-        track = select_track(per_frame, min_face_size, max_missing_fraction)
+        found = track_face(
+            per_frame, min_face_size, max_missing_fraction,
+            second_face_min_ratio, second_face_min_fraction,
+        )  # fmt: skip
+        track, stray = found.landmarks, list(found.stray_frames)
 
     boxes = crop_boxes(track, margin=margin, smooth_window=smooth_window)
     crops = crop_frames(frames, boxes, size)
@@ -101,6 +113,7 @@ def process_clip(
             parser_name="ground_truth",
             parser_version=str(ground_truth.get("version", "exact")),
             parser_classes=list(ground_truth.get("classes", LABELS)),
+            stray_face_frames=stray,
         )
     assert parser is not None  # checked above; keeps type checkers informed
     return ProcessedClip(
@@ -111,4 +124,5 @@ def process_clip(
         parser_name=parser.name,
         parser_version=parser.version,
         parser_classes=list(parser.classes),
+        stray_face_frames=stray,
     )

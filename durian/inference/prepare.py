@@ -299,7 +299,12 @@ class Preparer:
         try:
             per_frame = self.analyzer.landmarks(frames, fps)
             # Size rule in the video's own pixels, not the downscaled decode.
-            track = select_track(per_frame, self.min_face_size / max(scale, 1.0))
+            # Same multiple-faces rule as preprocessing: a passer-by does not reject a driver.
+            track = select_track(
+                per_frame, self.min_face_size / max(scale, 1.0),
+                second_face_min_ratio=_DEFAULTS.second_face_min_ratio,
+                second_face_min_fraction=_DEFAULTS.second_face_min_fraction,
+            )  # fmt: skip
         except ClipRejected as err:
             raise face_error(err, name) from None
         boxes = crop_boxes(track, margin=self.margin)

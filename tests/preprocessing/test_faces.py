@@ -27,6 +27,7 @@ from preprocessing.faces import (
     face_size,
     landmarks_to_crop,
     select_track,
+    track_face,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,6 +213,109 @@ def test_select_track_interpolates_gaps_and_ignores_small_bystanders():
     with pytest.raises(ClipRejected) as err:
         select_track(second, min_face_size=40)
     assert err.value.reason == "multiple_faces"
+
+
+def walk(t: int, size: float = 100, seed: int = 0) -> list[np.ndarray]:
+    """The main face drifting right over ``t`` frames."""
+    return [fake_face(200 + 4 * i, 200, size, seed=seed) for i in range(t)]
+
+
+def with_extra(main: list[np.ndarray], extra: dict[int, np.ndarray]) -> list[np.ndarray]:
+    """Per-frame faces: the main face plus ``extra[i]`` in frame i (listed first, so order
+    does not pick the main face)."""
+    return [np.stack([extra[i], m]) if i in extra else m[None] for i, m in enumerate(main)]
+
+
+def test_false_detection_in_one_frame_is_kept_and_its_frame_noted():
+    # Issue 23: a face-like patch half the main face's size in one of 8 frames.
+    main = walk(8)
+    per_frame = with_extra(main, {3: fake_face(600, 450, 50, seed=9)})
+    found = track_face(per_frame, min_face_size=32)
+    assert found.stray_frames == (3,)
+    assert np.array_equal(found.landmarks, np.stack(main))
+    assert np.array_equal(select_track(per_frame, min_face_size=32), found.landmarks)
+    # It does count as a second face (>= 0.5x): a rule strict enough rejects on it.
+    with pytest.raises(ClipRejected) as err:
+        track_face(per_frame, min_face_size=32, second_face_min_fraction=0.1)
+    assert err.value.reason == "multiple_faces" and "1 of 8 frames" in err.value.detail
+
+
+def test_second_person_throughout_is_rejected():
+    main = walk(8)
+    other = {i: fake_face(600 - 3 * i, 220, 70, seed=20 + i) for i in range(8)}
+    with pytest.raises(ClipRejected) as err:
+        track_face(with_extra(main, other), min_face_size=32)
+    assert err.value.reason == "multiple_faces" and "8 of 8 frames" in err.value.detail
+    # Also when the detector misses them in some frames (5 of 8 found >= half).
+    patchy = {i: other[i] for i in (0, 1, 3, 4, 6)}
+    with pytest.raises(ClipRejected):
+        track_face(with_extra(main, patchy), min_face_size=32)
+
+
+@pytest.mark.parametrize("fraction, rejected", [(0.5, False), (0.41, False), (0.4, True)])
+def test_person_walking_through_some_frames_is_decided_by_the_params(fraction, rejected):
+    # A passer-by in 4 of 10 frames (0.9x the main face), walking left across the frame.
+    main = walk(10)
+    passer = {i: fake_face(700 - 60 * i, 260, 90, seed=30 + i) for i in range(3, 7)}
+    per_frame = with_extra(main, passer)
+    if rejected:
+        with pytest.raises(ClipRejected) as err:
+            track_face(per_frame, min_face_size=32, second_face_min_fraction=fraction)
+        assert err.value.reason == "multiple_faces" and "4 of 10 frames" in err.value.detail
+    else:
+        found = track_face(per_frame, min_face_size=32, second_face_min_fraction=fraction)
+        assert found.stray_frames == (3, 4, 5, 6)
+        assert np.array_equal(found.landmarks, np.stack(main))
+
+
+def test_main_face_is_the_one_seen_throughout_not_a_larger_passer_by():
+    # A passer-by close to the camera (1.5x the main face) in 3 of 10 frames: the main face
+    # keeps the track (the largest single face would have seeded it on the passer-by).
+    main = walk(10)
+    passer = {i: fake_face(650 - 50 * i, 300, 150, seed=40 + i) for i in range(2, 5)}
+    found = track_face(with_extra(main, passer), min_face_size=32)
+    assert np.array_equal(found.landmarks, np.stack(main))
+    assert found.stray_frames == (2, 3, 4)
+
+
+def test_false_detections_that_jump_around_do_not_add_up_to_a_second_face():
+    # 6 of 10 frames have one 0.6x detection, each somewhere else: no one face persists.
+    main = walk(10)
+    spots = [(620, 60), (80, 460), (640, 480), (60, 60), (400, 520), (700, 250)]
+    frames = (0, 2, 4, 6, 8, 9)
+    noise = {i: fake_face(x, y, 60, seed=50 + i) for i, (x, y) in zip(frames, spots, strict=True)}
+    found = track_face(with_extra(main, noise), min_face_size=32)
+    assert found.stray_frames == frames
+    assert np.array_equal(found.landmarks, np.stack(main))
+
+
+def test_small_background_face_throughout_is_kept_and_not_noted():
+    main = walk(8)
+    background = {i: fake_face(600, 400, 45, seed=60 + i) for i in range(8)}  # 0.45x
+    found = track_face(with_extra(main, background), min_face_size=32)
+    assert found.stray_frames == ()
+    assert np.array_equal(found.landmarks, np.stack(main))
+    # A stricter size ratio makes the same face a second person.
+    with pytest.raises(ClipRejected) as err:
+        track_face(with_extra(main, background), min_face_size=32, second_face_min_ratio=0.4)
+    assert err.value.reason == "multiple_faces"
+
+
+def test_a_single_image_is_rejected_for_any_second_face_that_counts():
+    main = fake_face(200, 200, 100)
+    with pytest.raises(ClipRejected) as err:
+        track_face([np.stack([main, fake_face(450, 200, 55, seed=1)])], min_face_size=32)
+    assert err.value.reason == "multiple_faces"
+    assert track_face([np.stack([main, fake_face(450, 200, 45, seed=1)])], 32).stray_frames == ()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"second_face_min_fraction": 0.0}, {"second_face_min_fraction": 1.5},
+               {"second_face_min_ratio": 0.0}, {"second_face_min_ratio": -1.0}],
+)  # fmt: skip
+def test_track_face_names_a_bad_second_face_setting(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        track_face([fake_face(200, 200, 100)[None]], min_face_size=32, **kwargs)
 
 
 def test_crop_geometry_is_consistent_between_pixels_labels_and_landmarks():

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import cv2
+import matplotlib.cbook
+import matplotlib.image
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from skimage import data
 
+from durian.config import PreprocessParams
 from durian.data.attributes import CLASS, LABELS
 from durian.data.clip import Clip
 from preprocessing import mp_models
-from preprocessing.faces import ClipRejected, FaceAnalyzer
+from preprocessing.faces import ClipRejected, FaceAnalyzer, track_face
 from preprocessing.parsing import LandmarkParser
 from preprocessing.process import ProcessedClip, process_clip
 
@@ -64,6 +69,7 @@ def test_detector_path_crops_tracks_and_parses(tools):
     clip = Clip(out.frames, out.parsing, out.landmarks, {"fps": 25.0, **out.meta()})
     meta = json.loads(json.dumps(clip.meta))
     assert meta["parser"]["name"] == "landmarks" and len(meta["crop_boxes"]) == 6
+    assert meta["stray_face_frames"] == []
 
 
 @needs_models
@@ -72,6 +78,45 @@ def test_detector_path_rejects_a_clip_without_a_face(tools):
     with pytest.raises(ClipRejected) as err:
         process_clip(np.zeros((3, 200, 200, 3), np.uint8), parser=parser, analyzer=analyzer, **KW)
     assert err.value.reason == "no_face"
+
+
+def astronaut_with_passer_by(t: int = 6, present: tuple[int, ...] = (4, 5)) -> np.ndarray:
+    """The astronaut in a wider frame; Grace Hopper (a face ~0.8x his) at the right edge in
+    the ``present`` frames, moving left: someone walking into the picture."""
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    grace = np.ascontiguousarray(matplotlib.image.imread(path)[..., :3])
+    grace = cv2.resize(grace, (222, 260), interpolation=cv2.INTER_AREA)
+    wide = np.concatenate([data.astronaut(), np.full((512, 256, 3), 120, np.uint8)], axis=1)
+    frames = np.repeat(wide[None], t, axis=0)
+    for i in present:
+        x = 768 - 222 - 10 * (t - 1 - i)
+        frames[i, 20:280, x : x + 222] = grace
+    return frames
+
+
+@needs_models
+def test_detector_path_keeps_a_clip_with_a_passer_by_and_notes_the_frames(tools):
+    analyzer, parser = tools
+    frames = astronaut_with_passer_by()
+    out = process_clip(frames, parser=parser, analyzer=analyzer, **KW)
+    assert out.meta()["stray_face_frames"] == [4, 5]
+    assert np.all(out.boxes[:, 2] < 512), out.boxes  # the crop stays on the astronaut
+    # 2 of 6 frames: a rule that rejects from 30 % of the frames rejects it.
+    with pytest.raises(ClipRejected) as err:
+        process_clip(frames, parser=parser, analyzer=analyzer, second_face_min_fraction=0.3, **KW)
+    assert err.value.reason == "multiple_faces" and "2 of 6 frames" in err.value.detail
+
+
+def test_second_face_params_default_to_the_library_defaults_and_are_validated():
+    params = PreprocessParams()
+    for fn in (track_face, process_clip):
+        signature = inspect.signature(fn).parameters
+        for key in ("second_face_min_ratio", "second_face_min_fraction"):
+            assert signature[key].default == getattr(params, key), (fn.__name__, key)
+    for bad in ({"second_face_min_fraction": 0.0}, {"second_face_min_fraction": 1.2},
+                {"second_face_min_ratio": 0.0}, {"second_face_min_ratio": 1.5}):  # fmt: skip
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            PreprocessParams(**bad)
 
 
 def synthetic(t: int = 4, h: int = 240, w: int = 320):
@@ -119,6 +164,7 @@ def test_ground_truth_path_crops_labels_and_landmarks_consistently():
         ground_truth={"landmarks": lms, "parsing": parsing}, **KW,
     )  # fmt: skip
     assert out.parser_name == "ground_truth" and out.parser_version == "exact"
+    assert out.meta()["stray_face_frames"] == []
     assert out.parser_classes == list(LABELS)
     assert out.parsing.shape == (4, 128, 128) and out.landmarks.shape == (4, 478, 3)
     # Labels and pixels were cropped by the same geometry: away from region edges the colour
