@@ -56,6 +56,14 @@ class IngestParams(_Section):
     download_timeout_s: float = Field(30.0, gt=0)
     download_max_mb: float = Field(500.0, gt=0)
     download_retries: int = Field(3, ge=0, le=20)
+    # One attempt's whole transfer (download_timeout_s bounds each wait for data only).
+    download_total_timeout_s: float = Field(900.0, gt=0, le=86400)
+    # Local files larger than this are failed (too_large) before a byte is read.
+    max_mb: float = Field(4096.0, gt=0)
+    # Bounds hashing and probing one file, each (probing decodes every frame).
+    probe_timeout_s: float = Field(600.0, gt=0, le=86400)
+    # Folders manifests may point into (relative: to the project dir); empty: anywhere.
+    allowed_roots: list[str] = Field(default_factory=list)
     # true: probe only videos whose content hash is not in the earlier manifest and merge
     # (a change of these params or of the ingest code rebuilds); false: rebuild every run.
     incremental: bool = True
@@ -64,6 +72,8 @@ class IngestParams(_Section):
     def _clip_lengths(self) -> IngestParams:
         if self.min_clip_frames > self.clip_frames:
             raise ValueError("min_clip_frames must be <= clip_frames")
+        if any(not r.strip() or "\0" in r for r in self.allowed_roots):
+            raise ValueError("allowed_roots: every entry must be a non-empty folder path")
         return self
 
 
@@ -71,6 +81,10 @@ class PreprocessParams(_Section):
     resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
     margin: float = Field(0.6, ge=0.0, le=3.0)
     min_face_size: int = Field(32, ge=8)
+    # A clip is rejected as multiple_faces only for another face >= ratio x the main one in at
+    # least fraction of its frames (one face, tracked); fewer are noted as stray_face_frames.
+    second_face_min_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    second_face_min_fraction: float = Field(0.5, gt=0.0, le=1.0)
     parser: Literal["landmarks", "bisenet"] = "landmarks"
     parser_weights: str | None = None
     trust_ground_truth: bool = True

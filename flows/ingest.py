@@ -10,6 +10,13 @@ Incremental (``ingest.incremental``, default): a video whose content hash is alr
 the earlier manifest is not probed again; new videos are appended. Manifests are written
 atomically at the end, so a killed run leaves the earlier ones intact (the per-item cache makes
 the rerun cheap). A different fingerprint (params or ingest code changed) rebuilds from scratch.
+
+Nothing a source lists can hang the run: rows that are bad text (empty, NUL bytes, not UTF-8,
+too long) are recorded without a task; local files are checked with ``stat`` before anything
+opens them, in the cache key too (a device or fifo is never read), and every read and
+download is bounded in size and time (``ingest.max_mb``, ``probe_timeout_s``,
+``download_max_mb``, ``download_timeout_s``, ``download_total_timeout_s``).
+``ingest.allowed_roots`` confines local paths to some folders.
 """
 
 from __future__ import annotations
@@ -41,10 +48,14 @@ from preprocessing.ingest import (
     read_parquet,
     write_parquet,
 )
-from preprocessing.video import content_hash
+from preprocessing.video import VideoError, content_hash
 
-# Params that do not change what a row holds: left out of the fingerprint.
-NOT_IN_FINGERPRINT = frozenset({"download_timeout_s", "download_retries", "incremental"})
+# Params that do not change what a row holds (timeouts only decide whether one is tried to
+# the end): left out of the fingerprint.
+NOT_IN_FINGERPRINT = frozenset(
+    {"download_timeout_s", "download_total_timeout_s", "probe_timeout_s", "download_retries",
+     "incremental"}
+)
 
 
 def ingest_fingerprint(params: dict[str, Any]) -> str:
@@ -52,13 +63,27 @@ def ingest_fingerprint(params: dict[str, Any]) -> str:
     return fingerprint(settings, [ingest_lib.__file__, video_lib.__file__])
 
 
+def _mb(value: float) -> int:
+    return int(value * 2**20)
+
+
 def _item_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    """Same item, same bytes, same params → the earlier result (skips the probe on a rerun)."""
-    item = parameters["item"]
+    """Same item, same bytes, same params → the earlier result (skips the probe on a rerun).
+
+    The file is checked as the task will check it before a byte is hashed: a device or fifo
+    must not hang the key either."""
+    item, params = parameters["item"], parameters["params"]
     try:
-        content = item if is_url(item) else content_hash(item)
-    except OSError:
-        return None  # missing file: nothing to cache, the task reports it
+        if is_url(item):
+            content = item
+        else:
+            cap = _mb(params["max_mb"])
+            real = ingest_lib.resolve_local(
+                ingest_lib.local_path(item), cap, params["allowed_roots"]
+            )
+            content = content_hash(real, max_bytes=cap, timeout_s=params["probe_timeout_s"])
+    except (ingest_lib.ItemError, VideoError, OSError):
+        return None  # nothing to cache: the task records why
     known = parameters["known"]
     parts = [item, content, parameters["fingerprint"], str(content in known)]
     return "ingest-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
@@ -77,8 +102,12 @@ def ingest_item(
         known_hashes=known,
         download_dir=download_dir,
         timeout_s=params["download_timeout_s"],
-        max_bytes=int(params["download_max_mb"] * 2**20),
+        max_bytes=_mb(params["download_max_mb"]),
         retries=params["download_retries"],
+        total_timeout_s=params["download_total_timeout_s"],
+        max_file_bytes=_mb(params["max_mb"]),
+        probe_timeout_s=params["probe_timeout_s"],
+        allowed_roots=params["allowed_roots"],
     )
 
 
@@ -136,9 +165,21 @@ def _ingest(items: list[str], spec: SourceSpec, cfg: dict[str, Any], fp: str,
     log.info("ingest: %d items from %s %s; %d known videos (%s)", len(items), spec.kind,
              spec.path, len(known), why)
     download_dir = str(p.root / "data" / "downloads")
-    futures = [ingest_item.submit(item, cfg, download_dir, known, fp) for item in items]
-    wait(futures)
-    new_videos, new_clips = drop_duplicates([f.result() for f in futures])
+    # The tasks get the roots resolved (relative ones against the project dir).
+    task_cfg = {**cfg, "allowed_roots": ingest_lib.resolve_roots(cfg["allowed_roots"], p.root)}
+    # Bad text (a 100k-character row, undecodable bytes) never becomes a task or its name.
+    problems = [ingest_lib.item_problem(item) for item in items]
+    futures = {
+        i: ingest_item.submit(item, task_cfg, download_dir, known, fp)
+        for i, (item, problem) in enumerate(zip(items, problems, strict=True))
+        if problem is None
+    }
+    wait(list(futures.values()))
+    results = [
+        futures[i].result() if problem is None else ([ingest_lib.failed_row(item, problem)], [])
+        for i, (item, problem) in enumerate(zip(items, problems, strict=True))
+    ]
+    new_videos, new_clips = drop_duplicates(results)
     videos = merge_videos(old_videos, new_videos)
     clips = merge_clips(old_clips, new_clips)
     # Clips first: a kill between the two writes leaves clips whose videos are not yet listed,

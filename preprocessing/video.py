@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +60,11 @@ VIDEO_REASONS = (
     "no_frames",  # a video stream without any frame
     "truncated",  # fewer packets than the container header announces
     "corrupt",  # the decoder failed on the data
+    # Refused before or while reading, so that nothing can hang or exhaust the machine:
+    "not_a_regular_file",  # ``not_a_regular_file:<kind>``: a directory, device, fifo or socket
+    "too_large",  # more bytes than the caller's cap
+    "hash_timeout",  # hashing took longer than the caller's time bound
+    "probe_timeout",  # opening, demuxing or decoding took longer than the time bound
 )
 
 
@@ -113,13 +120,61 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     return path
 
 
-def content_hash(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """sha256 of the file's bytes, first 16 hex characters; streamed, so any size is fine."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+def file_kind(mode: int) -> str:
+    """``regular``, ``directory``, ``device``, ``fifo``, ``socket`` or ``other`` for a stat mode."""
+    if stat.S_ISREG(mode):
+        return "regular"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "other"
+
+
+def content_hash(
+    path: str | os.PathLike,
+    chunk_size: int = 1 << 20,
+    max_bytes: int | None = None,
+    timeout_s: float | None = None,
+) -> str:
+    """sha256 of the file's bytes, first 16 hex characters; streamed, so any size is fine.
+
+    Only a regular file is read: a device, fifo, socket or directory raises
+    :class:`VideoError` ``not_a_regular_file:<kind>`` before any byte is read (``/dev/zero``
+    never ends, a fifo blocks forever). ``max_bytes`` and ``timeout_s`` bound the read
+    (``too_large``, ``hash_timeout``). A missing file raises :class:`FileNotFoundError`.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    before = os.stat(path)
+    _require_regular(path, before.st_mode)
+    # Non-blocking open: a fifo swapped in after the stat cannot block the open itself, and the
+    # fstat below (same inode, still regular) refuses it before reading.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        _require_regular(path, st.st_mode)
+        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            raise VideoError("not_a_regular_file:other", f"{path} changed while opened")
+        digest = hashlib.sha256()
+        size = 0
         while chunk := f.read(chunk_size):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise VideoError("too_large", f"{path}: more than {max_bytes} bytes")
+            if deadline is not None and time.monotonic() > deadline:
+                raise VideoError("hash_timeout", f"{path}: hashing took over {timeout_s}s")
             digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def _require_regular(path: str | os.PathLike, mode: int) -> None:
+    kind = file_kind(mode)
+    if kind != "regular":
+        raise VideoError(f"not_a_regular_file:{kind}", str(path))
 
 
 def resampled_num_frames(duration: float, fps: float) -> int:
@@ -139,15 +194,25 @@ def _looks_like_video(path: Path) -> bool:
 
 
 @contextmanager
-def _open_video(path: str | os.PathLike) -> Iterator[tuple[av.container.InputContainer, object]]:
-    """Open ``path`` and yield (container, its first video stream), mapping failures to reasons."""
+def _open_video(
+    path: str | os.PathLike, timeout_s: float | None = None
+) -> Iterator[tuple[av.container.InputContainer, object]]:
+    """Open ``path`` and yield (container, its first video stream), mapping failures to reasons.
+
+    ``timeout_s`` bounds the open and each packet read (PyAV's interrupt callback)."""
     p = Path(path)
-    if not p.is_file():
-        raise VideoError("not_found", str(p))
-    if p.stat().st_size == 0:
-        raise VideoError("empty_file", str(p))
     try:
-        container = av.open(str(p), mode="r")
+        st = p.stat()
+    except OSError:  # missing, or a path the OS refuses (too long, a loop, no permission)
+        raise VideoError("not_found", str(p)) from None
+    _require_regular(p, st.st_mode)  # ffmpeg would read a device or fifo forever
+    if st.st_size == 0:
+        raise VideoError("empty_file", str(p))
+    timeout = None if timeout_s is None else (timeout_s, timeout_s)
+    try:
+        container = av.open(str(p), mode="r", timeout=timeout)
+    except av.error.ExitError as e:  # the interrupt callback fired: the time bound
+        raise VideoError("probe_timeout", f"{p}: opening took over {timeout_s}s") from e
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
         reason = "unreadable" if _looks_like_video(p) else "not_a_video"
         raise VideoError(reason, f"{p}: {e}") from e
@@ -164,13 +229,18 @@ def _open_video(path: str | os.PathLike) -> Iterator[tuple[av.container.InputCon
         container.close()
 
 
-def _timeline(container: av.container.InputContainer, stream) -> _Timeline:
-    """Presentation times of every frame from a demux pass (packets only, nothing decoded)."""
+def _timeline(
+    container: av.container.InputContainer, stream, deadline: float | None = None
+) -> _Timeline:
+    """Presentation times of every frame from a demux pass (packets only, nothing decoded).
+
+    ``deadline`` (``time.monotonic()``) bounds the pass: ``probe_timeout`` after it."""
     pts_list: list[int] = []
     durations: dict[int, int] = {}
     missing_pts = 0
     try:
         for packet in container.demux(stream):
+            _check_deadline(deadline)
             if packet.size == 0:  # the flush packet at the end
                 continue
             ts = packet.pts if packet.pts is not None else packet.dts
@@ -179,6 +249,8 @@ def _timeline(container: av.container.InputContainer, stream) -> _Timeline:
                 continue
             pts_list.append(ts)
             durations[ts] = packet.duration or 0
+    except av.error.ExitError as e:
+        raise VideoError("probe_timeout", "a packet read took too long") from e
     except av.error.FFmpegError as e:
         raise VideoError("corrupt", f"demux failed: {e}") from e
     n = len(pts_list) + missing_pts
@@ -206,7 +278,14 @@ _TIMELINE_CACHE_SIZE = 64
 _TIMELINE_LOCK = threading.Lock()
 
 
-def _cached_timeline(path: str | os.PathLike, container, stream) -> _Timeline:
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise VideoError("probe_timeout", "probing took longer than its time bound")
+
+
+def _cached_timeline(
+    path: str | os.PathLike, container, stream, deadline: float | None = None
+) -> _Timeline:
     """:func:`_timeline`, memoised per (file, size, mtime): reading many clips of one long
     video must not demux the whole file once per clip."""
     st = os.stat(path)
@@ -215,7 +294,7 @@ def _cached_timeline(path: str | os.PathLike, container, stream) -> _Timeline:
         if key in _TIMELINE_CACHE:
             _TIMELINE_CACHE.move_to_end(key)
             return _TIMELINE_CACHE[key]
-    tl = _timeline(container, stream)
+    tl = _timeline(container, stream, deadline)
     with _TIMELINE_LOCK:
         _TIMELINE_CACHE[key] = tl
         while len(_TIMELINE_CACHE) > _TIMELINE_CACHE_SIZE:
@@ -254,23 +333,31 @@ def _decode_error(e: Exception) -> VideoError:
     return VideoError("corrupt", f"decode failed: {e}")
 
 
-def probe_video(path: str | os.PathLike, verify: bool = False) -> VideoInfo:
+def probe_video(
+    path: str | os.PathLike, verify: bool = False, timeout_s: float | None = None
+) -> VideoInfo:
     """Describe a video; raises :class:`VideoError` if it cannot be used.
 
     Demuxes every packet (counts frames, checks timestamps, catches truncation) and decodes the
     first frame (rotation, decodability). ``verify=True`` decodes every frame as well, which
-    finds corruption in the middle of a file at the cost of a full decode.
+    finds corruption in the middle of a file at the cost of a full decode. ``timeout_s`` bounds
+    the whole probe (checked per packet and per frame, and by PyAV's interrupt callback within
+    one read): ``probe_timeout`` beyond it.
     """
-    with _open_video(path) as (container, stream):
-        tl = _cached_timeline(path, container, stream)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with _open_video(path, timeout_s) as (container, stream):
+        tl = _cached_timeline(path, container, stream, deadline)
         container.seek(0)
         first = None
         try:
             for frame in container.decode(stream):
+                _check_deadline(deadline)
                 if first is None:
                     first = frame
                     if not verify:
                         break
+        except av.error.ExitError as e:
+            raise VideoError("probe_timeout", "a packet read took too long") from e
         except av.error.FFmpegError as e:
             raise _decode_error(e) from e
         if first is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import threading
 import time
@@ -21,18 +22,25 @@ from preprocessing.ingest import (
     CLIPS_SCHEMA,
     VIDEOS_SCHEMA,
     DownloadError,
+    ItemError,
     SourceSpec,
     download,
     ingest,
     ingest_video,
+    item_problem,
     known_video_ids,
     list_source,
+    local_path,
+    printable,
     read_parquet,
+    resolve_local,
+    resolve_roots,
     split_into_clips,
     url_filename,
+    url_scheme,
     write_parquet,
 )
-from preprocessing.video import content_hash, read_frames
+from preprocessing.video import VideoError, content_hash, probe_video, read_frames
 
 # ------------------------------------------------------------------------------ sources
 
@@ -45,6 +53,25 @@ def test_list_folder_recursive_sorted_filtered(tmp_path: Path) -> None:
     assert items == [str(tmp_path / n) for n in ["a.MOV", "b/a/y.mkv", "b/z.mp4"]]
     only_mp4 = list_source(SourceSpec("folder", str(tmp_path), extensions=("mp4",)))
     assert only_mp4 == [str(tmp_path / "b/z.mp4")]
+
+
+def test_folder_lists_what_is_not_a_file_for_ingest_to_record(tmp_path: Path) -> None:
+    (tmp_path / "dir.mp4").mkdir()  # a folder named like a video: walked into, not listed
+    good = make_video(tmp_path / "dir.mp4" / "v.mp4", level_frames(4), fps=10)
+    os.mkfifo(tmp_path / "fifo.mp4")
+    os.symlink("/dev/zero", tmp_path / "zero.mp4")
+    os.symlink(tmp_path / "gone.mp4", tmp_path / "dangling.mp4")
+    items = list_source(SourceSpec("folder", str(tmp_path)))
+    assert items == [str(tmp_path / n) for n in
+                     ["dangling.mp4", "dir.mp4/v.mp4", "fifo.mp4", "zero.mp4"]]
+    assert list_source(SourceSpec("glob", str(tmp_path / "*.mp4"))) == [items[0], *items[2:]]
+    videos, _ = ingest(items, fps=10, clip_frames=4, min_clip_frames=2)
+    assert [(v["status"], v["reason"], v["path"]) for v in videos] == [
+        ("failed", "not_found", str(tmp_path / "gone.mp4")),
+        ("ok", None, str(good)),
+        ("failed", "not_a_regular_file:fifo", str(tmp_path / "fifo.mp4")),
+        ("failed", "not_a_regular_file:device", "/dev/zero"),
+    ]
 
 
 def test_list_folder_missing_or_empty(tmp_path: Path) -> None:
@@ -96,6 +123,120 @@ def test_list_manifests(tmp_path: Path) -> None:
         list_source(SourceSpec("manifest", str(sub / "missing.csv")))
 
 
+def test_manifest_rows_of_bad_text_are_kept_for_ingest_to_record(tmp_path: Path) -> None:
+    # A BOM, an empty row, undecodable bytes and a NUL: each stays an item (ingest records its
+    # reason); the readable rows are unaffected.
+    (tmp_path / "m.csv").write_bytes(
+        b'\xef\xbb\xbfpath,url\r\na.mp4,\r\n,\r\n"caf\xe9.mp4",\r\n"x\x00y.mp4",\r\n'
+    )
+    items = list_source(SourceSpec("manifest", str(tmp_path / "m.csv")))
+    assert items[0] == str(tmp_path / "a.mp4") and items[1] == ""
+    assert [item_problem(i) for i in items] == [
+        None, "empty_row", "bad_path:not_utf8", "bad_path:nul_byte"
+    ]
+    (tmp_path / "blank.csv").write_text("path\n,\n\n")
+    with pytest.raises(ValueError, match="lists no videos"):
+        list_source(SourceSpec("manifest", str(tmp_path / "blank.csv")))
+
+
+def test_files_that_cannot_be_manifests_fail_in_one_line(tmp_path: Path) -> None:
+    cases = {
+        "huge_field.csv": (b"path\n" + b"z" * 200_000 + b"\n", "not a readable CSV"),
+        "garbage.parquet": (np.random.default_rng(0).bytes(5000), "not a Parquet file"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=message) as err:
+            list_source(SourceSpec("manifest", str(tmp_path / name)))
+        assert "\n" not in str(err.value)
+    os.mkfifo(tmp_path / "fifo.csv")  # reading it would block forever
+    (tmp_path / "folder.csv").mkdir()
+    for name, kind in (("fifo.csv", "fifo"), ("folder.csv", "directory")):
+        with pytest.raises(ValueError, match=f"not a regular file \\({kind}\\)"):
+            list_source(SourceSpec("manifest", str(tmp_path / name)))
+
+
+# ------------------------------------------------------------------------------ what may be read
+
+
+def test_items_are_classified_without_io() -> None:
+    assert [url_scheme(i) for i in ["HTTP://h/x", "file:///x", "C:\\v\\x.mp4", "take:1.mp4",
+                                    "./take:1.mp4", "/a:b.mp4", "data:,x"]] == [
+        "http", "file", None, "take", None, None, "data"
+    ]
+    assert item_problem("  ") == "empty_row" and item_problem("a.mp4") is None
+    assert item_problem("a\udce9.mp4") == "bad_path:not_utf8"
+    assert item_problem("x" * 8193) == "name_too_long" and item_problem("x" * 8192) is None
+    assert printable("a\x00\udce9") == "a\\x00\\udce9"
+    assert printable("y" * 1000, limit=5) == "yyyyy...[1000 characters]"
+    assert local_path("file:///v/a%20b.mp4") == "/v/a b.mp4"
+    assert local_path("file://localhost/v/a b.mp4") == "/v/a b.mp4"
+    assert local_path("C:\\v\\x.mp4") == "C:\\v\\x.mp4"  # a (relative) path on Linux
+    for item, reason in [
+        ("ftp://h/x.mp4", "unsupported_scheme:ftp"),
+        ("javascript:alert(1)", "unsupported_scheme:javascript"),
+        ("file://elsewhere/x.mp4", "bad_url"),
+        ("file:relative.mp4", "bad_url"),
+        ("file:///a%00b.mp4", "bad_path:nul_byte"),
+    ]:
+        with pytest.raises(ItemError) as err:
+            local_path(item)
+        assert err.value.reason == reason
+
+
+def test_resolve_local_confines_to_allowed_roots(tmp_path: Path) -> None:
+    media, outside = tmp_path / "project" / "media", tmp_path / "outside"
+    media.mkdir(parents=True)
+    outside.mkdir()
+    (media / "v.mp4").write_bytes(b"v")
+    (outside / "w.mp4").write_bytes(b"w")
+    os.symlink(outside / "w.mp4", media / "escape.mp4")
+    os.symlink("v.mp4", media / "link.mp4")
+    roots = resolve_roots(["media"], tmp_path / "project")  # relative to the project
+    assert roots == [str(media)]
+    assert resolve_local(str(media / "link.mp4"), None, roots) == str(media / "v.mp4")
+    for path in (media / "escape.mp4", media / ".." / ".." / "outside" / "w.mp4", "/dev/zero"):
+        with pytest.raises(ItemError) as err:
+            resolve_local(str(path), None, roots)
+        assert err.value.reason == "outside_allowed_roots"
+    assert resolve_local(str(media / "escape.mp4")) == str(outside / "w.mp4")  # no roots
+    with pytest.raises(ItemError) as err:
+        resolve_local(str(media / "v.mp4"), max_bytes=0)
+    assert (err.value.reason, err.value.path) == ("too_large", str(media / "v.mp4"))
+
+
+def test_content_hash_reads_only_regular_files_and_is_bounded(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.mp4")  # no writer: reading would block forever
+    for path, reason in (
+        (tmp_path / "fifo.mp4", "not_a_regular_file:fifo"),
+        ("/dev/zero", "not_a_regular_file:device"),
+        (tmp_path, "not_a_regular_file:directory"),
+    ):
+        with pytest.raises(VideoError) as err:
+            content_hash(path)
+        assert err.value.reason == reason
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * 20_000)
+    assert content_hash(data, max_bytes=20_000) == content_hash(data)
+    with pytest.raises(VideoError, match="too_large"):
+        content_hash(data, max_bytes=19_999)
+    with pytest.raises(VideoError, match="hash_timeout"):
+        content_hash(data, chunk_size=1, timeout_s=1e-4)
+    with pytest.raises(FileNotFoundError):
+        content_hash(tmp_path / "missing.mp4")
+
+
+def test_probe_is_bounded_in_time(tmp_path: Path) -> None:
+    path = make_video(tmp_path / "v.mp4", level_frames(10), fps=10)
+    assert probe_video(path, verify=True, timeout_s=30).num_frames == 10
+    with pytest.raises(VideoError) as err:
+        probe_video(path, verify=True, timeout_s=1e-9)
+    assert err.value.reason == "probe_timeout"
+    row, clips = ingest_video(path, fps=10, clip_frames=4, min_clip_frames=2, video_id="v",
+                              timeout_s=1e-9)
+    assert (row["status"], row["reason"], clips) == ("failed", "probe_timeout", [])
+
+
 # ------------------------------------------------------------------------------ downloads
 
 
@@ -141,6 +282,12 @@ class _Server:
             return
         elif h.path == "/flaky.mp4":
             body, length = b"second time lucky", True
+        elif h.path == "/short.mp4":  # announces more than it sends, then hangs up
+            h.send_response(200)
+            h.send_header("Content-Length", "1000")
+            h.end_headers()
+            h.wfile.write(b"only ten b")
+            return
         else:
             h.send_error(404)
             return
@@ -199,6 +346,13 @@ def test_download_http_errors(server: _Server, tmp_path: Path) -> None:
     with pytest.raises(DownloadError) as err:
         download("file:///etc/passwd", tmp_path)
     assert err.value.reason == "bad_url"
+
+
+def test_download_refuses_a_truncated_body(server: _Server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="body ended at 10 of 1000 bytes") as err:
+        download(f"{server.url}/short.mp4", tmp_path, timeout_s=5, retries=0)
+    assert err.value.reason == "error"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ ingest
