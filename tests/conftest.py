@@ -25,6 +25,14 @@ def prefect_engine():
         yield
 
 
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_engine) -> str:
+    """That server's API, for flows run as subprocesses (``project_env(..., prefect_api=)``)."""
+    from prefect.settings import get_current_settings
+
+    return str(get_current_settings().api.url)
+
+
 @pytest.fixture
 def project_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_engine) -> Path:
     """A temporary project folder that in-process flows use as their working directory."""

@@ -24,10 +24,10 @@ PARAMS = {
 }
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True, timeout=timeout
-    )
+def run(cmd: list[str], cwd: Path, timeout: int = 900, prefect_api: str | None = None
+        ) -> subprocess.CompletedProcess:
+    env = project_env(cwd, prefect_api=prefect_api)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -40,7 +40,7 @@ def dvc(project: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, prefect_api_url):
     project = make_project(tmp_path_factory.mktemp("e2e") / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in PARAMS.items():
@@ -50,7 +50,9 @@ def pipeline_run(tmp_path_factory):
     run(["dvc", "remote", "modify", "local", "url", str(remote)], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "project"], project)
-    repro = run(["durian", "run"], project, timeout=1500)
+    # The stages report to the session's Prefect server rather than each starting a temporary
+    # one (tests/test_flows_bad_input.py runs a stage that way).
+    repro = run(["durian", "run"], project, timeout=1500, prefect_api=prefect_api_url)
     return project, repro
 
 
@@ -154,19 +156,20 @@ def test_evaluation_reports_skips_and_logs_side_by_side_videos(pipeline_run):
     assert len(out["videos"]) == n_cases and all(v.endswith(".mp4") for v in out["videos"])
 
 
-def test_dvc_is_clean_and_repro_again_does_nothing(pipeline_run):
+def test_dvc_is_clean_and_repro_again_does_nothing(pipeline_run, prefect_api_url):
     project, _ = pipeline_run
     assert "up to date" in dvc(project, "status").lower()
-    again = run(["durian", "run"], project).stdout
+    again = run(["durian", "run"], project, prefect_api=prefect_api_url).stdout
     assert "Running stage" not in again
 
 
-def test_changing_one_param_reruns_only_that_stage_and_what_follows(pipeline_run):
+def test_changing_one_param_reruns_only_that_stage_and_what_follows(pipeline_run,
+                                                                     prefect_api_url):
     project, _ = pipeline_run
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["seed"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["durian", "run"], project, timeout=900).stdout
+    out = run(["durian", "run"], project, timeout=900, prefect_api=prefect_api_url).stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'register'" in out
     for stage in ("sample", "ingest", "preprocess", "mask_bank", "train"):
         assert f"Running stage '{stage}'" not in out

@@ -272,11 +272,9 @@ def test_hostile_manifest_library_run(hostile: Hostile, tmp_path: Path) -> None:
     assert not list((tmp_path / "dl").glob(".*.part"))  # no half download left behind
 
 
-def test_hostile_manifest_prefect_flow(hostile: Hostile, prefect_engine: None) -> None:
+def test_hostile_manifest_prefect_flow(hostile: Hostile, prefect_api_url: str) -> None:
     """``python -m flows.ingest`` on the same manifest, confined to the media folder by a
     relative ``allowed_roots``; it talks to the session's Prefect server (no second one)."""
-    from prefect.settings import get_current_settings
-
     project = make_project(hostile.root / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["source"] = {"kind": "manifest", "path": "../media/lists/m.csv"}
@@ -286,7 +284,7 @@ def test_hostile_manifest_prefect_flow(hostile: Hostile, prefect_engine: None) -
         probe_timeout_s=10, allowed_roots=["../media"],
     )  # fmt: skip
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**project_env(project), "PREFECT_API_URL": str(get_current_settings().api.url)}
+    env = project_env(project, prefect_api=prefect_api_url)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "flows.ingest"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=120)
