@@ -14,11 +14,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from flows.common import STAGES
 
@@ -30,12 +35,87 @@ def _venv_env() -> dict[str, str]:
     return env
 
 
+# A stage stops within flows.stop's bound (6 s, then 2 s for its children); DVC exits
+# right after it. What is still running past this is killed, to end within 10 s.
+FORWARD_STOP_S = 9.0
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish"})
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member we may not signal is still a member
+        return True
+    return True
+
+
+def _stage_commands(pid: int) -> list[psutil.Process]:
+    """The commands process ``pid`` (DVC) runs: its children, looking through shells."""
+    found, todo = [], psutil.Process(pid).children()
+    while todo:
+        child = todo.pop()
+        with contextlib.suppress(psutil.Error):
+            if child.name() in SHELLS:
+                todo.extend(child.children())
+            else:
+                found.append(child)
+    return found
+
+
+def _forward(pid: int, signum: int) -> None:
+    """The stage command gets the signal itself and stops as :mod:`flows.stop` says (its own
+    children, a temporary Prefect server or a local Ray, go with it: signalling those too
+    would cut the stage off from them mid-stop). DVC gets SIGINT, its graceful stop: it
+    ignores it while a stage runs, then records nothing for the stage that failed."""
+    with contextlib.suppress(psutil.Error):
+        for child in _stage_commands(pid):
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signum)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+
+
+def call_forwarding_stops(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd`` (DVC) in a process group of its own and return its exit status.
+
+    A SIGINT or SIGTERM to this process is passed on (:func:`_forward`), and the call
+    returns ``128 + signum`` once the whole group is gone; what is left of it after
+    ``FORWARD_STOP_S`` is killed. (``subprocess.call`` would leave a SIGTERMed ``durian``'s
+    children running, and on Ctrl-C kill DVC at once, orphaning its stage.)
+    """
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+    stops: list[tuple[int, float]] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stops.append((signum, time.monotonic()))
+        _forward(proc.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+        if not stops:
+            return code
+        deadline = stops[0][1] + FORWARD_STOP_S
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        print(f"durian: stopped by {signal.Signals(stops[0][0]).name}; the stage said what "
+              "it finished above. Rerun to continue from there.", file=sys.stderr)
+        return 128 + stops[0][0]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _dvc(*args: str) -> int:
     dvc = shutil.which("dvc", path=_venv_env()["PATH"])
     if dvc is None:
         print("error: dvc is not installed in this environment (see README)", file=sys.stderr)
         return 1
-    return subprocess.call([dvc, *args], env=_venv_env())
+    return call_forwarding_stops([dvc, *args], env=_venv_env())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from durian.config import PIPELINE_STAGES, Params, ParamsError, load_params
 from flows.env import project_dir
+from flows.stop import stop_guard
 
 STAGES = PIPELINE_STAGES
 
@@ -87,15 +88,24 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic JSON write so a killed stage never leaves a half-written contract file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:  # a stop between the two leaves no temporary behind
+        tmp.unlink(missing_ok=True)
 
 
 def run_main(flow_fn: Callable[..., Any]) -> None:
-    """``python -m flows.X``: run the flow; bad input exits 1 with one line, not a stack trace."""
+    """``python -m flows.X``: run the flow; bad input exits 1 with one line, not a stack trace.
+
+    Ctrl-C or SIGTERM ends it within seconds, saying what was finished (:mod:`flows.stop`).
+    """
+    what = str(getattr(flow_fn, "name", None) or getattr(flow_fn, "__name__", ""))
+    what = what if what.isidentifier() else "durian"  # a lambda's name says nothing
     try:
-        read_params()  # fail fast, before Prefect starts anything
-        flow_fn()
+        with stop_guard(what):
+            read_params()  # fail fast, before Prefect starts anything
+            flow_fn()
     except (ParamsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

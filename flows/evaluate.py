@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from durian.evaluation.side_by_side import preview_row, side_by_side_frames
 from durian.pipelines.pipeline_durian import DurianPipeline
 from flows.common import paths, read_params, run_main, write_json
 from flows.mlflow_adapter import start_run
+from flows.stop import report_progress
 from preprocessing.faces import FaceAnalyzer
 from preprocessing.shards import list_shards
 from preprocessing.synthetic.eval_cases import cross_identity_cases
@@ -77,6 +79,14 @@ def load_pipeline(model_dir: Path) -> DurianPipeline:
     pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Atomic PNG write: a stopped run never leaves a truncated picture."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def evaluation_cases(shards: list[str], limit: int, frames: int) -> list:
@@ -350,10 +360,12 @@ def evaluate_flow() -> dict[str, float]:
         for k, r in sorted(skipped.items()):
             log.warning("evaluate: %s skipped: %s", k, r)
         per_case += xid_per_case
-        write_json(p.metrics, metrics)
+        # Each file whole (hidden temporary, then renamed); metrics.json, the DVC metric the
+        # next stage reads, last.
         write_json(p.plots / "metrics.json", {"cases": per_case})
-        p.plots.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.concatenate(rows + xid_rows, axis=0)).save(p.plots / "preview.png")
+        save_png(np.concatenate(rows + xid_rows, axis=0), p.plots / "preview.png")
+        write_json(p.metrics, metrics)
+        report_progress(f"metrics in {p.metrics}, plots in {p.plots}; MLflow run not logged")
 
         train_run = None
         if p.train_info.exists():
@@ -381,6 +393,7 @@ def evaluate_flow() -> dict[str, float]:
     write_json(
         p.root / "models" / "evaluate.json", {"mlflow_run_id": run.info.run_id, "skipped": skipped}
     )
+    report_progress(f"metrics in {p.metrics}, MLflow run {run.info.run_id}")
     return metrics
 
 

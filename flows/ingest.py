@@ -22,6 +22,7 @@ download is bounded in size and time (``ingest.max_mb``, ``probe_timeout_s``,
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import preprocessing.ingest as ingest_lib
 import preprocessing.video as video_lib
 from flows.common import paths, read_params, run_main, write_json
 from flows.locks import file_lock, lock_path
+from flows.stop import report_progress, stop_deferred
 from preprocessing.incremental import (
     fingerprint,
     merge_clips,
@@ -142,6 +144,21 @@ def earlier_manifests(manifest_dir: Path, fp: str, incremental: bool) -> tuple[l
     return read_parquet(videos_path), read_parquet(clips_path), "extending the earlier manifest"
 
 
+class _ProbeCount:
+    """Says how many items are done, as their tasks finish (each is then in the task cache,
+    so a stopped run's rerun does not probe it again)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.lock = total, 0, threading.Lock()
+        report_progress(f"0 of {total} items probed")
+
+    def __call__(self, future: Any) -> None:  # called in the task's thread
+        with self.lock:
+            self.done += 1
+            report_progress(f"{self.done} of {self.total} items probed (cached for the "
+                            "rerun); the manifests are written at the end")
+
+
 @flow(name="ingest")
 def ingest_flow() -> dict[str, Any]:
     params = read_params()
@@ -169,11 +186,12 @@ def _ingest(items: list[str], spec: SourceSpec, cfg: dict[str, Any], fp: str,
     task_cfg = {**cfg, "allowed_roots": ingest_lib.resolve_roots(cfg["allowed_roots"], p.root)}
     # Bad text (a 100k-character row, undecodable bytes) never becomes a task or its name.
     problems = [ingest_lib.item_problem(item) for item in items]
-    futures = {
-        i: ingest_item.submit(item, task_cfg, download_dir, known, fp)
-        for i, (item, problem) in enumerate(zip(items, problems, strict=True))
-        if problem is None
-    }
+    probed = _ProbeCount(sum(problem is None for problem in problems))
+    futures = {}
+    for i, (item, problem) in enumerate(zip(items, problems, strict=True)):
+        if problem is None:
+            futures[i] = ingest_item.submit(item, task_cfg, download_dir, known, fp)
+            futures[i].add_done_callback(probed)
     wait(list(futures.values()))
     results = [
         futures[i].result() if problem is None else ([ingest_lib.failed_row(item, problem)], [])
@@ -183,10 +201,13 @@ def _ingest(items: list[str], spec: SourceSpec, cfg: dict[str, Any], fp: str,
     videos = merge_videos(old_videos, new_videos)
     clips = merge_clips(old_clips, new_clips)
     # Clips first: a kill between the two writes leaves clips whose videos are not yet listed,
-    # which the rerun (same fingerprint, those videos not known) simply probes again.
-    write_parquet(clips, p.clips_manifest, "clips")
-    write_parquet(videos, p.videos_manifest, "videos")
-    write_state(p.manifest, {"fingerprint": fp, "params": cfg})
+    # which the rerun (same fingerprint, those videos not known) simply probes again. A stop
+    # request waits for the three.
+    with stop_deferred():
+        write_parquet(clips, p.clips_manifest, "clips")
+        write_parquet(videos, p.videos_manifest, "videos")
+        write_state(p.manifest, {"fingerprint": fp, "params": cfg})
+        report_progress(f"the manifests: {len(videos)} videos, {len(clips)} clips")
 
     run: dict[str, int] = {}
     for row in new_videos:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import mlflow
 from mlflow.tracking import MlflowClient
 
@@ -29,10 +32,21 @@ def experiment_id(name: str = EXPERIMENT) -> str:
     return c.create_experiment(name, artifact_location=location)
 
 
-def start_run(run_name: str, tags: dict[str, str] | None = None) -> mlflow.ActiveRun:
-    """A run in the project's experiment, tagged with the git revision and dataset version."""
+@contextlib.contextmanager
+def start_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run in the project's experiment, tagged with the git revision and dataset version.
+
+    It ends FINISHED, FAILED on an error, or KILLED when a stop request (Ctrl-C, SIGTERM)
+    unwinds it, so no run stays RUNNING after its process is gone."""
+    from flows.stop import is_stop
     from flows.versioning import provenance_tags
 
     mlflow.set_tracking_uri(tracking_uri())
     tags = {**provenance_tags(), **(tags or {})}
-    return mlflow.start_run(experiment_id=experiment_id(), run_name=run_name, tags=tags)
+    run = mlflow.start_run(experiment_id=experiment_id(), run_name=run_name, tags=tags)
+    try:
+        yield run
+    except BaseException as err:
+        mlflow.end_run("KILLED" if is_stop(err) else "FAILED")
+        raise
+    mlflow.end_run()

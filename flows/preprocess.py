@@ -48,6 +48,7 @@ from durian.data.clip import Clip, encode_clip
 from durian.data.masks import category_fractions
 from flows.common import paths, read_params, run_main, write_json
 from flows.locks import file_lock, lock_path
+from flows.stop import report_progress, stop_deferred
 from preprocessing.faces import ClipRejected, FaceAnalyzer
 from preprocessing.incremental import (
     fingerprint,
@@ -249,17 +250,26 @@ class IncrementalShards:
     def flush(self, counts: dict[str, int] | None = None) -> None:
         """Write ``counts[split]`` buffered samples per split (all when None), then the index."""
         counts = counts or {split: len(b) for split, b in self.buffer.items()}
-        with ShardWriter(self.folder, max_count=self.max_count,
-                         max_bytes=self.max_bytes) as writer:
-            for split, n in sorted(counts.items()):
-                for s in self.buffer[split][:n]:
-                    writer.write(s["sample"], split=split)
-                self.buffer[split] = self.buffer[split][n:]
-        self.index.extend(writer.records)
-        self.done.update(r["key"] for r in writer.records)
-        self.added_samples += len(writer.records)
-        self.new_shards.extend(Path(s).name for s in writer.shards)
-        self.write_index()
+        # A stop request waits for the shards and the index that lists them (well under a
+        # second for the usual shard), so a stopped run leaves no unlisted shard behind.
+        with stop_deferred():
+            with ShardWriter(self.folder, max_count=self.max_count,
+                             max_bytes=self.max_bytes) as writer:
+                for split, n in sorted(counts.items()):
+                    for s in self.buffer[split][:n]:
+                        writer.write(s["sample"], split=split)
+                    self.buffer[split] = self.buffer[split][n:]
+            self.index.extend(writer.records)
+            self.done.update(r["key"] for r in writer.records)
+            self.added_samples += len(writer.records)
+            self.new_shards.extend(Path(s).name for s in writer.shards)
+            self.write_index()
+            report_progress(self.progress())  # before a held stop request is let through
+
+    def progress(self) -> str:
+        shards = len({r["shard"] for r in self.index})
+        return (f"{len(self.index)} samples in {shards} shards listed in the index "
+                f"({self.added_samples} added by this run)")
 
     def write_index(self) -> None:
         # Rejections first: a kill between the two writes only re-records them (deduped).
@@ -327,6 +337,7 @@ def preprocess_flow() -> dict[str, Any]:
                  len(clips), n_videos, len(groups), why, params.preprocess.runner)
         shards = IncrementalShards(p.shards, index, rejected, params.shards.max_samples,
                                    int(params.shards.max_mb * 2**20))
+        report_progress(shards.progress())
         runner = _ray_runner if params.preprocess.runner == "ray" else _prefect_runner
         submit, result = runner(groups, cfg)
         failed: dict[str, str] = {}

@@ -3,8 +3,12 @@ that stays on 127.0.0.1 with its temp dir inside the project."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import ray
 
@@ -50,3 +54,62 @@ _FORWARD = (
     "PYTHONPATH",
     "OMP_NUM_THREADS",
 )
+
+
+def is_local_ray() -> bool:
+    """Whether the connected Ray is the local one :func:`init_ray` started (its processes are
+    this process's children)."""
+    node = getattr(ray._private.worker, "_global_node", None)  # noqa: SLF001 - no public API
+    return node is not None and node.head
+
+
+def shutdown_now(grace_s: float = 2.0) -> None:
+    """Leave Ray at once on a stop request: disconnect (the driver's actors, hence Ray Train's
+    controller and workers, die with it) and, for a local cluster, make sure none of its
+    processes outlives this call, so nothing writes into the run's storage afterwards."""
+    import psutil
+
+    local = ray.is_initialized() and is_local_ray()
+    children = psutil.Process().children(recursive=True) if local else []
+    ray.shutdown()
+    if not children:
+        return
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def recorded_checkpoints(run_dir: Path) -> set[str] | None:
+    """The checkpoint folders Ray Train recorded for a run (its manager snapshot), None when
+    there is no readable snapshot."""
+    try:
+        snapshot = json.loads((run_dir / SNAPSHOT).read_text())
+        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prune_unrecorded_checkpoints(run_dir: Path) -> list[str]:
+    """Remove checkpoint folders Ray Train did not record as complete; returns their names.
+
+    Ray copies a checkpoint into storage file by file and records it in its snapshot only
+    once every rank has reported, and deletes old ones after the snapshot moved on: a stop
+    during either leaves a partial folder that no resume would use and no retention would
+    remove. Only call it while no worker of the run is alive (before ``fit``, after
+    :func:`shutdown_now`)."""
+    if not run_dir.is_dir():
+        return []
+    recorded = recorded_checkpoints(run_dir)
+    if recorded is None and (run_dir / SNAPSHOT).exists():
+        return []  # unreadable snapshot: never guess which folders are whole
+    removed = []
+    for folder in sorted(run_dir.glob("checkpoint_*")):
+        if folder.is_dir() and folder.name not in (recorded or set()):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"

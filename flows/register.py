@@ -6,7 +6,9 @@ decision are tags on the version; ``models/registered.json`` records the outcome
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,16 @@ from prefect import flow, get_run_logger
 from durian.evaluation.promotion import decide
 from flows.common import paths, read_params, run_main, write_json
 from flows.mlflow_adapter import client, start_run
+from flows.stop import report_progress
 
 PYFUNC = Path(__file__).with_name("pyfunc_model.py")
 DURIAN_PACKAGE = Path(__file__).resolve().parents[1] / "durian"
 METRIC_TAG = "metric."
+# A version is registered whole: ``registration`` says whether its aliases, tags and
+# registered.json were all set; ``rollback.<alias>`` what the alias pointed at before.
+STATUS_TAG = "registration"
+PREVIOUS_TAG = "rollback."
+ALIASES = ("candidate", "champion")
 
 
 def input_example(resolution: int) -> pd.DataFrame:
@@ -46,6 +54,71 @@ def requirements() -> list[str]:
     names = ["torch", "diffusers", "transformers", "safetensors", "numpy", "pillow", "mlflow",
              "opencv-contrib-python", "scikit-image"]
     return [f"{n}=={version(n)}" for n in names]
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    try:
+        return str(client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+@contextlib.contextmanager
+def registering(name: str, model_uri: str, previous: dict[str, str | None]) -> Iterator[str]:
+    """A new version of ``name`` that is whole or gone: created tagged incomplete (with the
+    versions its aliases pointed at before), completed only once the body (aliases, tags,
+    ``registered.json``) is through. If the body fails or is stopped, the version is rolled
+    back at once; if the process is killed, the next run rolls it back
+    (:func:`rollback_incomplete`)."""
+    c = client()
+    tags = {STATUS_TAG: "incomplete"}
+    tags |= {f"{PREVIOUS_TAG}{alias}": v or "" for alias, v in previous.items()}
+    # Created with its tags in one call: never a version without the incomplete mark.
+    version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    try:
+        yield version
+        c.set_model_version_tag(name, version, STATUS_TAG, "complete")
+    except BaseException:
+        rollback(name, version, previous)
+        raise
+
+
+def restore_file(path: Path, content: bytes | None) -> None:
+    if content is None:
+        path.unlink(missing_ok=True)
+    else:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(content)
+        tmp.replace(path)
+
+
+def rollback(name: str, version: str, previous: dict[str, str | None]) -> None:
+    """Put the aliases back where they were and delete ``version``."""
+    c = client()
+    for alias in ALIASES:
+        if _alias_version(name, alias) != version:
+            continue
+        if previous.get(alias):
+            c.set_registered_model_alias(name, alias, previous[alias])
+        else:
+            c.delete_registered_model_alias(name, alias)
+    c.delete_model_version(name, version)
+
+
+def rollback_incomplete(name: str) -> list[str]:
+    """Roll back every version of ``name`` a killed run left incomplete; returns them."""
+    try:
+        versions = client().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return []
+    undone = []
+    for v in sorted(versions, key=lambda v: -int(v.version)):  # newest first: aliases unwind
+        if v.tags.get(STATUS_TAG) != "incomplete":
+            continue
+        previous = {a: v.tags.get(f"{PREVIOUS_TAG}{a}") or None for a in ALIASES}
+        rollback(name, str(v.version), previous)
+        undone.append(str(v.version))
+    return undone
 
 
 def champion_metrics(name: str) -> tuple[str | None, dict[str, float] | None]:
@@ -73,8 +146,14 @@ def register_flow() -> dict[str, Any]:
     eval_run = json.loads((p.root / "models" / "evaluate.json").read_text()).get("mlflow_run_id") \
         if (p.root / "models" / "evaluate.json").exists() else None
 
+    c = client()
+    undone = rollback_incomplete(r.model_name)  # what a stopped or killed run left half-made
+    if undone:
+        log.warning("register: removed incomplete version(s) %s of %s", undone, r.model_name)
     with start_run("register", tags={"stage": "register", "training_run_id": train_run or "",
-                                     "evaluation_run_id": eval_run or ""}):
+                                     "evaluation_run_id": eval_run or ""}) as run:
+        # The model's files first, then the version pointing at them: a stop during the upload
+        # leaves no version at all.
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC),
@@ -82,35 +161,42 @@ def register_flow() -> dict[str, Any]:
             code_paths=[str(DURIAN_PACKAGE)],
             input_example=input_example(params.model.resolution),
             pip_requirements=requirements(),
-            registered_model_name=r.model_name,
         )
-    version = str(info.registered_model_version)
-    c = client()
-    c.set_registered_model_alias(r.model_name, "candidate", version)
-    for k, v in metrics.items():
-        c.set_model_version_tag(r.model_name, version, f"{METRIC_TAG}{k}", str(v))
-    champ_version, champ = champion_metrics(r.model_name)
-    decision = decide(metrics, champ, r.primary_metrics, r.higher_is_better)
-    rule = (f"{'higher' if r.higher_is_better else 'lower'} is better, strictly on all of "
-            f"{r.primary_metrics}; ties and missing metrics do not promote")
-    tags = {
-        "promotion.rule": rule,
-        "promotion.compared": json.dumps({k: list(v) for k, v in decision.compared.items()}),
-        "promotion.against": champ_version or "none",
-        "promotion.decision": "promoted" if decision.promote else "kept",
-        "promotion.reason": decision.reason,
-        "training_run_id": train_run or "",
-        "evaluation_run_id": eval_run or "",
-    }
-    for k, v in tags.items():
-        c.set_model_version_tag(r.model_name, version, k, v)
-    if decision.promote:
-        c.set_registered_model_alias(r.model_name, "champion", version)
-    aliases = sorted(c.get_model_version(r.model_name, version).aliases)
-    outcome = {"name": r.model_name, "version": version, "aliases": aliases,
-               "promoted": decision.promote, "reason": decision.reason,
-               "model_uri": f"models:/{r.model_name}/{version}"}
-    write_json(p.registered, outcome)
+        report_progress(f"model logged to MLflow run {run.info.run_id}; no version yet")
+        previous = {alias: _alias_version(r.model_name, alias) for alias in ALIASES}
+        before = p.registered.read_bytes() if p.registered.exists() else None
+        try:
+            with registering(r.model_name, info.model_uri, previous) as version:
+                c.set_registered_model_alias(r.model_name, "candidate", version)
+                for k, v in metrics.items():
+                    c.set_model_version_tag(r.model_name, version, f"{METRIC_TAG}{k}", str(v))
+                champ_version, champ = champion_metrics(r.model_name)
+                decision = decide(metrics, champ, r.primary_metrics, r.higher_is_better)
+                rule = (f"{'higher' if r.higher_is_better else 'lower'} is better, strictly on all "
+                        f"of {r.primary_metrics}; ties and missing metrics do not promote")
+                tags = {
+                    "promotion.rule": rule,
+                    "promotion.compared": json.dumps(
+                        {k: list(v) for k, v in decision.compared.items()}),
+                    "promotion.against": champ_version or "none",
+                    "promotion.decision": "promoted" if decision.promote else "kept",
+                    "promotion.reason": decision.reason,
+                    "training_run_id": train_run or "",
+                    "evaluation_run_id": eval_run or "",
+                }
+                for k, v in tags.items():
+                    c.set_model_version_tag(r.model_name, version, k, v)
+                if decision.promote:
+                    c.set_registered_model_alias(r.model_name, "champion", version)
+                aliases = sorted(c.get_model_version(r.model_name, version).aliases)
+                outcome = {"name": r.model_name, "version": version, "aliases": aliases,
+                           "promoted": decision.promote, "reason": decision.reason,
+                           "model_uri": f"models:/{r.model_name}/{version}"}
+                write_json(p.registered, outcome)
+        except BaseException:
+            restore_file(p.registered, before)  # the version it named is gone again
+            raise
+    report_progress(f"{r.model_name} v{version} registered, aliases {aliases}")
     log.info("register: %s v%s aliases %s — %s", r.model_name, version, aliases, decision.reason)
     return outcome
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 DEPLOYMENT = "durian-scheduled"
 DEFAULT_PORT = 4200
+# Within the stop bound of flows.stop (6 s grace) with room for the runner's own shutdown.
+SERVER_STOP_S = 3.0
 
 
 def api_url(port: int, host: str = "127.0.0.1") -> str:
@@ -135,23 +137,30 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.stop import report_progress, stop_guard
+
     params_file = str(Path(args.params).resolve()) if args.params else None
     own = None
-    if not os.environ.get("PREFECT_API_URL"):
-        # Schedules need a real server: start the project's own for the life of this command.
-        port = args.port if port_free(args.port) else _free_port()
-        own = start_server(port)
-        os.environ["PREFECT_API_URL"] = api_url(port)
-        wait_healthy(os.environ["PREFECT_API_URL"], proc=own)
-        print(f"started a local Prefect server on {os.environ['PREFECT_API_URL']}", flush=True)
-    try:
-        serve(cron=args.cron, interval_s=args.interval, stages=args.stages or None,
-              params_file=params_file, source=args.source)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if own is not None:
-            stop(own)
+    # Ctrl-C or SIGTERM, idle or with a run in flight: the runner and its flow-run processes,
+    # then our own server, end within the stop bound (flows.stop), saying so.
+    with stop_guard("serve"):
+        report_progress("serving; each finished run is in .durian/runs.jsonl")
+        try:
+            if not os.environ.get("PREFECT_API_URL"):
+                # Schedules need a real server: start the project's own for this command.
+                port = args.port if port_free(args.port) else _free_port()
+                own = start_server(port)
+                os.environ["PREFECT_API_URL"] = api_url(port)
+                wait_healthy(os.environ["PREFECT_API_URL"], proc=own)
+                print(f"started a local Prefect server on {os.environ['PREFECT_API_URL']}",
+                      flush=True)
+            serve(cron=args.cron, interval_s=args.interval, stages=args.stages or None,
+                  params_file=params_file, source=args.source)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if own is not None:
+                stop(own, timeout_s=SERVER_STOP_S)
     return 0
 
 

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,14 @@ from durian.config import Params
 from flows.common import paths, read_params, run_main, write_json
 from flows.mask_bank import mask_bank_path
 from flows.mlflow_adapter import start_run
-from flows.ray_adapter import init_ray
+from flows.ray_adapter import (
+    SNAPSHOT,
+    init_ray,
+    is_local_ray,
+    prune_unrecorded_checkpoints,
+    shutdown_now,
+)
+from flows.stop import is_stop, report_progress
 
 # train keys that do not change what the run computes: left out of the run name, so changing
 # them (e.g. more frequent checkpoints after a crash) still resumes the run.
@@ -255,12 +265,26 @@ def run_name(
 
 def latest_reported_step(run_dir: Path) -> int | None:
     """The step of the latest checkpoint Ray Train recorded for a run (None: a fresh run)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    snapshot = run_dir / SNAPSHOT
     try:
         latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
         return int(latest["metrics"]["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _trainer_class() -> type:
+    """``TorchTrainer`` without Ray's own Ctrl-C handler, so SIGINT stops training like
+    SIGTERM: Ray's handler asks the controller for a graceful abort and blocks the main
+    thread in it for seconds; ours (:mod:`flows.stop`) unwinds at once and
+    :func:`flows.ray_adapter.shutdown_now` ends the workers."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            return None
+
+    return Trainer
 
 
 def fit(
@@ -271,29 +295,76 @@ def fit(
     run_id: str | None,
     mask_bank: Path | None = None,
 ):
-    """Run the TorchTrainer; returns Ray's ``Result``."""
+    """Run the TorchTrainer; returns Ray's ``Result``.
+
+    Stopped (Ctrl-C, SIGTERM), it leaves Ray at once and, with a
+    local cluster, removes the checkpoint folders Ray had not recorded as whole, so the run
+    folder holds only checkpoints a rerun resumes from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     t = params.train
-    init_ray(t.ray_address, num_cpus=None)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=worker_config(params, shards, run_id, mask_bank),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage.resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-    )
-    return trainer.fit()
+    run_dir = storage / run_name
+    prune_unrecorded_checkpoints(run_dir)  # what an earlier stop or crash left half-made
+    try:
+        init_ray(t.ray_address, num_cpus=None)
+        trainer = _trainer_class()(
+            train_loop_per_worker,
+            train_loop_config=worker_config(params, shards, run_id, mask_bank),
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=t.num_workers,
+                use_gpu=t.use_gpu,
+                resources_per_worker={
+                    "CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})
+                },
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=str(storage.resolve()),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+            ),
+        )
+        return trainer.fit()
+    except BaseException as err:
+        if not is_stop(err):
+            raise
+        local = is_local_ray()
+        shutdown_now()
+        if local:  # no worker of ours is left to write: safe to tidy the run folder
+            prune_unrecorded_checkpoints(run_dir)
+        report_progress(checkpoint_progress(run_dir, t.steps))
+        raise
+
+
+def checkpoint_progress(run_dir: Path, steps: int) -> str:
+    """What a stop leaves of a training run, for the stop message."""
+    step = latest_reported_step(run_dir)
+    if step is None:
+        return f"no checkpoint yet of {run_dir.name}"
+    return f"checkpoint at step {step} of {steps} in {run_dir}"
+
+
+def publish_model(export: Callable[[Path], Any], model_dir: Path) -> Any:
+    """``export(folder)`` into a hidden sibling of ``model_dir``, then swap it in: the model
+    folder is whole (the old one or the new one) or, for the instant between two renames,
+    absent; never half written. Leftovers of an earlier stop are removed first."""
+    parent = model_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{model_dir.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = parent / f".{model_dir.name}.tmp-{os.getpid()}"
+    old = parent / f".{model_dir.name}.old-{os.getpid()}"
+    try:
+        out = export(tmp)
+        if model_dir.exists():
+            model_dir.rename(old)
+        tmp.rename(model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def with_finetune_start(params: Params) -> Params:
@@ -337,6 +408,7 @@ def train_flow() -> dict[str, Any]:
             | {"num_shards": len(shards)}
         )
         prior = latest_reported_step(p.checkpoints / name)
+        report_progress(checkpoint_progress(p.checkpoints / name, params.train.steps))
         t0 = time.perf_counter()
         result = fit(params, shards, p.checkpoints, name, run.info.run_id, bank)
         wall = time.perf_counter() - t0
@@ -345,13 +417,18 @@ def train_flow() -> dict[str, Any]:
         if result.checkpoint is None:
             raise RuntimeError("training produced no checkpoint")
         with result.checkpoint.as_directory() as directory:
-            info = export_checkpoint(
-                directory,
-                params.model.model_dump(),
+            info = publish_model(
+                lambda out: export_checkpoint(
+                    directory,
+                    params.model.model_dump(),
+                    out,
+                    use_ema=params.train.ema,
+                    init_from=_abs(params.train.init_from, p.root),
+                ),
                 p.model,
-                use_ema=params.train.ema,
-                init_from=_abs(params.train.init_from, p.root),
             )
+        report_progress(f"{checkpoint_progress(p.checkpoints / name, params.train.steps)}, "
+                        f"exported to {p.model}")
         metrics = dict(result.metrics or {})
         # A resumed run that had nothing left to do reports nothing: fall back on the snapshot.
         start_step = max(int(metrics.get("start_step", 0)), prior or 0)
@@ -371,6 +448,7 @@ def train_flow() -> dict[str, Any]:
             "ema": bool(info.get("exported_ema", False)),
         }
         write_json(p.train_info, summary)
+        report_progress(f"training done, model in {p.model}, summary in {p.train_info}")
     log.info("train: %s", summary)
     return summary
 

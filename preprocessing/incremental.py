@@ -48,8 +48,11 @@ def write_state(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(folder) / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:  # a stop between the two leaves no temporary behind
+        tmp.unlink(missing_ok=True)
     return path
 
 

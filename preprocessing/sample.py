@@ -9,7 +9,8 @@
   (T,H,W uint8 label maps), aligned frame for frame with the MP4.
 - A cross-identity evaluation set (:func:`cross_identity_eval_set`).
 
-Everything is a pure function of its arguments; files are written atomically.
+Everything is a pure function of its arguments; files are written atomically, so a file
+that exists is whole, and a stopped run can be continued (``keep_existing``).
 """
 
 from __future__ import annotations
@@ -132,6 +133,18 @@ def synthetic_clip(i: int, n_frames: int, size: int, seed: int
 SAMPLE_CRF = 0
 
 
+def sample_videos(n_synthetic: int, real_photos: bool = True) -> list[str]:
+    """The file names of a sample's videos, in the order :func:`generate_sample` writes them."""
+    real = [f"real_{name}.mp4" for name in REAL_PHOTOS] if real_photos else []
+    return real + [f"synth_{i:03d}.mp4" for i in range(n_synthetic)]
+
+
+def sample_files(n_synthetic: int, real_photos: bool = True) -> list[str]:
+    """Every file name of a sample: the videos and the synthetic ones' sidecars."""
+    names = sample_videos(n_synthetic, real_photos)
+    return names + [sidecar_path(n).name for n in names if n.startswith("synth_")]
+
+
 def generate_sample(
     out_dir: str | os.PathLike,
     *,
@@ -141,13 +154,18 @@ def generate_sample(
     fps: float,
     seed: int,
     real_photos: bool = True,
+    keep_existing: bool = False,
+    on_video: Callable[[Path, bool], None] | None = None,
 ) -> list[Path]:
     """Write the sample videos into ``out_dir`` and return their paths (MP4s, sorted).
 
     Real photos: ``real_<name>.mp4`` (height ``size``, width 3/4 of it). Synthetic:
     ``synth_<i>.mp4`` (size × size) with ``synth_<i>.gt.npz`` sidecars (written first, so a
     synthetic video never exists without its ground truth). Existing files of the same
-    names are overwritten: the content is a function of the arguments.
+    names are overwritten: the content is a function of the arguments. With
+    ``keep_existing`` a video already there (with its sidecar) is kept instead: the caller
+    vouches it was made with the same arguments (a stopped run being continued).
+    ``on_video(path, kept)`` is called once each video is in place.
     """
     if size < 32 or size % 2:
         raise ValueError(f"size must be an even number >= 32 (H.264 4:2:0), got {size}")
@@ -156,16 +174,26 @@ def generate_sample(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    if real_photos:
-        for name in REAL_PHOTOS:
-            frames = real_clip(name, n_frames, size, seed)
-            written.append(write_video(out / f"real_{name}.mp4", frames, fps, crf=SAMPLE_CRF))
-    for i in range(n_synthetic):
-        frames, labels, landmarks, meta = synthetic_clip(i, n_frames, size, seed)
-        video = out / f"synth_{i:03d}.mp4"
-        _write_npz(sidecar_path(video), landmarks=landmarks, parsing=labels,
-                   classes=np.array(LABELS), meta=np.array(json.dumps(meta)))
-        written.append(write_video(video, frames, fps, crf=SAMPLE_CRF))
+
+    def done(video: Path, kept: bool) -> None:
+        written.append(video)
+        if on_video is not None:
+            on_video(video, kept)
+
+    for name in sample_videos(n_synthetic, real_photos):
+        video = out / name
+        kind, _, stem = video.stem.partition("_")
+        if keep_existing and video.is_file() and (
+                kind == "real" or sidecar_path(video).is_file()):
+            done(video, True)
+        elif kind == "real":
+            frames = real_clip(stem, n_frames, size, seed)
+            done(write_video(video, frames, fps, crf=SAMPLE_CRF), False)
+        else:
+            frames, labels, landmarks, meta = synthetic_clip(int(stem), n_frames, size, seed)
+            _write_npz(sidecar_path(video), landmarks=landmarks, parsing=labels,
+                       classes=np.array(LABELS), meta=np.array(json.dumps(meta)))
+            done(write_video(video, frames, fps, crf=SAMPLE_CRF), False)
     return sorted(written)
 
 

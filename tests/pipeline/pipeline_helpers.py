@@ -22,6 +22,7 @@ import yaml
 from project_helpers import make_project, project_env
 from skimage import data as skdata
 
+from preprocessing.ingest import ingest, write_parquet
 from preprocessing.sample import generate_sample
 from preprocessing.video import write_video
 
@@ -53,6 +54,15 @@ def synthetic_videos(folder: Path, n: int, seed: int, n_frames: int = 16, size: 
     """``n`` synthetic portraits (exact labels in sidecars), distinct content per seed."""
     return generate_sample(folder, n_synthetic=n, n_frames=n_frames, size=size, fps=12,
                            seed=seed, real_photos=False)
+
+
+def library_manifest(project: Path, videos: list[Path]) -> list[str]:
+    """The ingest manifests of ``videos`` straight from the library (TINY's clip lengths), for
+    tests of the later stages; returns the clip ids, sorted."""
+    rows, clips = ingest([str(v) for v in videos], fps=12, clip_frames=8, min_clip_frames=6)
+    write_parquet(rows, project / "data" / "manifest" / "videos.parquet", "videos")
+    write_parquet(clips, project / "data" / "manifest" / "clips.parquet", "clips")
+    return sorted(c["clip_id"] for c in clips)
 
 
 def _portrait(image: np.ndarray, height: int) -> np.ndarray:

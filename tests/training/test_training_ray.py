@@ -1,7 +1,8 @@
 """Ray Train on a real local cluster (2 CPU workers, gloo) over real shards: the train flow with
-its MLflow logging and mask bank, a worker SIGKILLed mid-run (absorbed by FailureConfig), and
-the driver SIGKILLed (a rerun resumes at the saved step). Every run here has the same
-run-defining params, so all must end with the same weights as the uninterrupted one.
+its MLflow logging and mask bank, and a worker SIGKILLed mid-run (absorbed by FailureConfig).
+Every run here has the same run-defining params, so all must end with the same weights as the
+uninterrupted one. (The driver stopped or SIGKILLed, and the rerun resuming at the saved step:
+tests/pipeline/test_stop_late_stages.py.)
 Gradient accumulation (2 micro-batches, DDP ``no_sync`` on the first) is on throughout, so the
 data position of a checkpoint counts 2 batches per step."""
 
@@ -11,8 +12,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +20,9 @@ import psutil
 import pytest
 import torch
 import yaml
-from project_helpers import ROOT, project_env
+from project_helpers import ROOT
 from safetensors.torch import load_file
 from training_helpers import (
-    descendants,
-    kill_processes,
-    project_processes,
     ray_node_processes,
     shutdown_ray,
     wait_for,
@@ -173,49 +169,3 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     assert result.metrics["start_step"] >= killed["step"] >= EVERY
     assert result.metrics["start_step"] % EVERY == 0
     assert _same(_final_weights(result.checkpoint.path), reference["weights"])
-
-
-def test_a_killed_driver_resumes_at_the_saved_step_when_rerun(
-    reference: dict, tmp_path: Path
-) -> None:
-    project = tmp_path / "project"
-    _write_project(project, bank=reference["project"] / "data" / "mask_bank.npz")
-    env = project_env(project)
-    env["DURIAN_PROJECT_DIR"] = str(project)
-    cmd = [sys.executable, "-m", "flows.train"]
-    checkpoints = project / "models" / "checkpoints"
-
-    def saved_step() -> int:
-        return max((_latest_step(d) or 0 for d in checkpoints.glob("train-*")), default=0)
-
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        assert wait_for(lambda: saved_step() >= EVERY or first.poll() is not None, timeout=400)
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        family = descendants(first.pid)  # Prefect's server, Ray's head services and workers
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        log.close()
-        if first.poll() is None:
-            first.kill()
-    # Ray's gcs and raylet share the driver's fate, but a worker may finish its step (and one
-    # more checkpoint) before it notices, and Prefect's server and Ray's agents would be
-    # orphaned: take the rest down as a crashed machine would.
-    kill_processes([p for p in family if p.is_running()] + project_processes(project))
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)
-    at_rerun = saved_step()
-    assert EVERY <= at_rerun < STEPS
-    assert not (project / "models" / "train.json").exists()
-
-    try:
-        second = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
-                                timeout=500)  # fmt: skip
-    finally:
-        kill_processes(project_processes(project))
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    info = json.loads((project / "models" / "train.json").read_text())
-    assert info["start_step"] == at_rerun and info["steps"] == STEPS
-    assert info["ray_run_name"] == reference["summary"]["ray_run_name"]
-    assert _same(_final_weights(info["checkpoint"]), reference["weights"])

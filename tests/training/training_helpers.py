@@ -107,19 +107,6 @@ def kill_processes(procs: list[psutil.Process], timeout: float = 10.0) -> None:
     psutil.wait_procs(procs, timeout=timeout)
 
 
-def project_processes(project: Path) -> list[psutil.Process]:
-    """Processes started for ``project`` (they inherit ``DURIAN_PROJECT_DIR`` from the driver),
-    including orphans of a killed driver that no longer descend from it."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.environ().get("DURIAN_PROJECT_DIR") == str(project):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
-
-
 def ray_node_processes() -> list[psutil.Process]:
     """The processes of the Ray node this process started (head services and workers)."""
     import ray
