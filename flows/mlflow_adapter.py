@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from flows.env import artifact_root, tracking_uri
+from flows.stop import stop_deferred
 
 EXPERIMENT = "durian"
 
 
 def client() -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    _store_ready(uri)
     return MlflowClient()
+
+
+@functools.cache
+def _store_ready(uri: str) -> None:
+    """Open the tracking store once per process with stop requests held: a new sqlite store
+    creates and migrates its tables on first use, and a stop in the middle of that leaves a
+    database no later run can open ("duplicate column name")."""
+    with stop_deferred():
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
 def experiment_id(name: str = EXPERIMENT) -> str:
@@ -43,10 +56,16 @@ def start_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[mlf
 
     mlflow.set_tracking_uri(tracking_uri())
     tags = {**provenance_tags(), **(tags or {})}
-    run = mlflow.start_run(experiment_id=experiment_id(), run_name=run_name, tags=tags)
     try:
+        # Stop requests held while the run is created and while it is ended: a stop between
+        # MLflow writing the run and handing it back would leave it RUNNING for good.
+        with stop_deferred():
+            run = mlflow.start_run(experiment_id=experiment_id(), run_name=run_name, tags=tags)
         yield run
     except BaseException as err:
-        mlflow.end_run("KILLED" if is_stop(err) else "FAILED")
+        if mlflow.active_run() is not None:
+            with stop_deferred():
+                mlflow.end_run("KILLED" if is_stop(err) else "FAILED")
         raise
-    mlflow.end_run()
+    with stop_deferred():
+        mlflow.end_run()

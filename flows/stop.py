@@ -34,7 +34,7 @@ from types import FrameType
 import psutil
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# Below the 10 s bound with room for the children to go.
+# The promise is an end within 10 s: the grace, then up to CHILD_GRACE_S for the children.
 DEFAULT_GRACE_S = 6.0
 CHILD_GRACE_S = 2.0
 
@@ -44,7 +44,6 @@ class _State:
         self.what = "run"
         self.progress = "nothing finished yet"
         self.signum: int | None = None
-        self.since = 0.0
         self.grace_s = DEFAULT_GRACE_S
         self.told = False
         self.counting = False
