@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flows  # noqa: E402,F401  (offline/loopback environment first)
+from durian.config import PreprocessParams  # noqa: E402
 from durian.data.clip import Clip, encode_clip  # noqa: E402
 from flows.preprocess import process_video  # noqa: E402
 from preprocessing.faces import (  # noqa: E402
@@ -94,10 +95,15 @@ def steps(videos: list[Path], out: Path) -> dict[str, tuple[int, float]]:
     return {k: (int(v[0]), v[1]) for k, v in totals.items()}
 
 
+DEFAULTS = PreprocessParams()
+
+
 def chain_config() -> dict:
     return {"parser": "landmarks", "parser_weights": None, "max_side": 1024,
             "trust_ground_truth": False, "resolution": RESOLUTION, "margin": 0.6,
-            "min_face_size": 32, "val_fraction": 0.0, "seed": 0, "crf": 0, "retries": 0}
+            "min_face_size": 32, "val_fraction": 0.0, "seed": 0, "crf": 0, "retries": 0,
+            "second_face_min_ratio": DEFAULTS.second_face_min_ratio,
+            "second_face_min_fraction": DEFAULTS.second_face_min_fraction}
 
 
 def chain_threads(groups: list[list[dict]], workers: int) -> float:

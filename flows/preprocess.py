@@ -72,9 +72,6 @@ REJECTED_SCHEMA = pa.schema(
 NOT_IN_FINGERPRINT = frozenset(
     {"runner", "workers", "retries", "ray_address", "incremental", "parser_check"}
 )
-# Params of the multiple-faces rule, passed on to process_clip (in the fingerprint: a change
-# reprocesses).
-SECOND_FACE_KEYS = ("second_face_min_ratio", "second_face_min_fraction")
 CODE = [clip_lib.__file__, masks_lib.__file__, faces_lib.__file__, parsing_lib.__file__,
         process_lib.__file__, video_lib.__file__, shards_lib.__file__]
 
@@ -114,9 +111,8 @@ def process_video(clips: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str,
                     frames, fps=clip["fps"], size=cfg["resolution"], margin=cfg["margin"],
                     min_face_size=cfg["min_face_size"], parser=parser, analyzer=analyzer,
                     ground_truth=gt,
-                    # A hand-built cfg without them (benchmarks/preprocess.py) keeps
-                    # process_clip's defaults; the flow's cfg (params) always has both.
-                    **{k: cfg[k] for k in SECOND_FACE_KEYS if k in cfg},
+                    second_face_min_ratio=cfg["second_face_min_ratio"],
+                    second_face_min_fraction=cfg["second_face_min_fraction"],
                 )
             except (ClipRejected, VideoError) as err:
                 rejected.append({**base, "reason": err.reason, "detail": str(err)})
