@@ -32,6 +32,7 @@ from stop_helpers import Stopped, interrupt
 
 from durian.data.clip import Clip
 from durian.data.masks import MaskBank
+from preprocessing.incremental import STATE_FILE
 from preprocessing.sample import sample_videos, sidecar_path, synthetic_clip
 
 pytestmark = pytest.mark.e2e
@@ -90,6 +91,13 @@ def test_sample_stop_keeps_whole_videos_and_rerun_continues(tmp_path, api_url):
     def videos() -> list[str]:
         return sorted(p.name for p in raw.glob("*.mp4"))
 
+    def whole(done: list[str]) -> dict[str, tuple[int, int]]:
+        """The finished videos' files: a sidecar written just before the stop, whose video
+        was not, is not finished and may be written again."""
+        names = {STATE_FILE, *done,
+                 *(sidecar_path(v).name for v in done if v.startswith("synth_"))}
+        return {n: st for n, st in files(raw).items() if n in names}
+
     def check_whole(stopped: Stopped) -> list[str]:
         done = videos()
         assert hidden_files(raw) == []  # no temporary of the video being written
@@ -103,13 +111,13 @@ def test_sample_stop_keeps_whole_videos_and_rerun_continues(tmp_path, api_url):
     first = stop("sample", project, signal.SIGINT, lambda _: len(videos()) >= 1, 1.5,
                  api_url, seed=1)
     at_first = check_whole(first)
-    kept = files(raw)
+    kept = whole(at_first)
     second = stop("sample", project, signal.SIGTERM, lambda _: len(videos()) > len(at_first),
                   0.8, api_url, seed=2)
     at_second = check_whole(second)
     assert set(at_first) <= set(at_second)
     assert {n: files(raw)[n] for n in kept} == kept  # continued: nothing rewritten
-    kept = files(raw)
+    kept = whole(at_second)
 
     out = rerun("sample", project, api_url)
     assert f"{len(at_second)} kept from an earlier run" in out, out
