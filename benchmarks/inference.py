@@ -132,7 +132,6 @@ def denoiser_forward_seconds(pipe, frames: int, guidance: float, repeats: int = 
         t0 = time.perf_counter()
         for _ in range(repeats):
             call()
-        model.release()
     return (time.perf_counter() - t0) / repeats
 
 

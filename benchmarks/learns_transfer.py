@@ -1,26 +1,31 @@
 """Does our implementation of the method learn cross-identity attribute transfer? Prints
 numbers against exact ground truth; asserts nothing.
 
-    python benchmarks/learns_transfer.py [--out DIR] [--train-videos 640] [--frames 16]
-        [--steps 2400] [--batch 8] [--lr 1e-3] [--lr-schedule constant] [--widths 64 128]
-        [--pixel-downscale 4]
-        [--eval-cases 24] [--sample-steps 1 4 20] [--variants durian unmasked shared]
-        [--target-frames 1] [--timestep-bias later] [--[no-]zero-terminal-snr]
-        [--spatial-augment T S R]
-        [--freeze-last-up] [--no-locality]
-        [--init-from DIR] [--jobs 0] [--device cpu] [--quick]
+    python benchmarks/learns_transfer.py [--params params/learns_transfer.yaml]
+        [--set SECTION.KEY=VALUE ...] [--steps N] [--out DIR] [--train-videos 640]
+        [--frames 16] [--eval-cases 24] [--sample-steps 1 4 20]
+        [--variants durian unmasked shared] [--init-from DIR] [--jobs 0] [--device cpu]
+        [--quick]
 
-1. Generates synthetic portrait videos (``preprocessing.synthetic``: random identities with
+The recipe (model, training pairs, optimisation, crop and mask-bank settings) is the params
+file, ``params/learns_transfer.yaml``: the same file ``durian run`` trains from, through the same
+``Trainer.from_config`` (the saved models record its config hash). ``--set`` overrides a value of
+it (``--set model.pixel_downscale=2 --set train.timestep_bias=none``); what the benchmark's
+options set is its own: the synthetic data, the variants, the evaluation.
+
+1. Generates synthetic portrait videos (``synthetic``: random identities with
    hair / glasses / hats / beards under random motion), crops them with the preprocessing crop
    rule (exact labels and landmarks), writes WebDataset shards and a mask bank — the same data
    path as the pipeline.
 2. Trains the tiny model (stage 1, self-reconstruction with complementary masks, mask expansion
-   and augmentation of the references: colour jitter and a random affine,
-   ``--spatial-augment``) for a fixed number of steps per variant, on this machine's CPU cores,
+   and augmentation of the references: colour jitter and a random affine, ``pair`` in the
+   params file) for a fixed number of steps per variant, on this machine's CPU cores,
    the variants side by side in their own processes (``--jobs``):
-   * ``durian``: the method;
-   * ``unmasked`` (c): references not masked — the paper's copy-paste shortcut ablation;
-   * ``shared`` (d): one ReferenceNet on the channel-concatenated references.
+   * ``durian``: the method, the params file's recipe as it is;
+   * ``unmasked`` (c): references not masked (``pair.mask_references: false``) — the paper's
+     copy-paste shortcut ablation;
+   * ``shared`` (d): one ReferenceNet on the channel-concatenated references
+     (``model.shared_reference_net: true``).
 3. Evaluates cross-identity transfer on held-out identities (portrait of X, attribute of Y,
    driving motion; the exact target is X wearing Y's attribute, rendered by the generator):
    L1 / PSNR / SSIM over the whole frame, the attribute region (``_attr``) and the identity
@@ -44,7 +49,7 @@ depend on it).
 
 Writes ``results.json`` (metrics, per-case numbers, loss curves, denoising check, calibration,
 timings), ``samples_ddim<N>.png`` (rows: portrait | attribute | driving | each method |
-target) and the trained models (``models/<variant>``, ``save_pretrained``) to ``--out``. The
+target) and the trained models (``models/<variant>``, pipeline folders) to ``--out``. The
 budget is a step count, so results do not depend on machine load; the wall time of each
 phase is printed.
 """
@@ -63,20 +68,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RESOLUTION = 64
-MARGIN = 0.6  # params.yaml preprocess.margin
+DEFAULT_PARAMS = ROOT / "params" / "learns_transfer.yaml"
 SOURCE_SIZE = 128
 METRIC_KEYS = ("psnr_attr", "ssim", "psnr", "l1", "l1_attr", "ssim_attr", "psnr_id", "l1_id")
 
 
 # ----------------------------------------------------------------------------- data
-def make_training_shards(out: Path, n_videos: int, n_frames: int, seed: int) -> tuple[list, list]:
-    """Synthetic videos → cropped clips → shards (64 clips each). Returns (shards, clips)."""
+def make_training_shards(
+    out: Path, n_videos: int, n_frames: int, seed: int, rule: Any
+) -> tuple[list, list]:
+    """Synthetic videos → clips cropped by the params' ``preprocess`` rule → shards (64 clips
+    each). Returns (shards, clips)."""
     import webdataset as wds
 
-    from durian.data.clip import Clip, encode_clip
-    from preprocessing.process import process_clip
-    from preprocessing.sample import synthetic_clip
+    from durian.data.clip_codec import Clip, encode_clip
+    from preprocessing.crop import process_clip
+    from synthetic.sample import synthetic_clip
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +91,8 @@ def make_training_shards(out: Path, n_videos: int, n_frames: int, seed: int) -> 
     for i in range(n_videos):
         frames, labels, landmarks, _ = synthetic_clip(i, n_frames, SOURCE_SIZE, seed)
         crop = process_clip(
-            frames, fps=12, size=RESOLUTION, margin=MARGIN, min_face_size=32, parser=None,
+            frames, fps=12, size=rule.resolution, margin=rule.margin,
+            min_face_size=rule.min_face_size, parser=None,
             analyzer=None, ground_truth={"landmarks": landmarks, "parsing": labels},
         )  # fmt: skip
         meta = {"identity": f"train{i:04d}", "video_id": f"train{i:04d}", "fps": 12}
@@ -99,75 +107,68 @@ def make_training_shards(out: Path, n_videos: int, n_frames: int, seed: int) -> 
     return shards, clips
 
 
-def make_eval_cases(n: int, seed: int) -> list:
-    from preprocessing.synthetic.eval_cases import cross_identity_cases
+def make_eval_cases(n: int, seed: int, crop: Any) -> list:
+    from flows.eval_cases import cross_identity_cases
 
     # A seed far from the training videos': every evaluated identity is unseen.
-    return cross_identity_cases(n, RESOLUTION, MARGIN, seed + 100_003, source_size=SOURCE_SIZE)
+    return cross_identity_cases(n, crop.resolution, crop.margin, seed + 100_003,
+                                source_size=SOURCE_SIZE)
 
 
 # ----------------------------------------------------------------------------- training
+def variant_recipe(recipe: Any, variant: str, init_from: Path | None = None) -> Any:
+    """A variant's recipe: ``durian`` is ``recipe`` as it is, ``unmasked`` without masked
+    references, ``shared`` with one ReferenceNet; with ``init_from`` (an earlier ``--out``) each
+    continues from its saved model (its EMA weights; optimiser and EMA start afresh)."""
+    model, pair, train = recipe.model, recipe.pair, recipe.train
+    if variant == "shared":
+        model = model.model_copy(update={"shared_reference_net": True})
+    if variant == "unmasked":
+        pair = pair.model_copy(update={"mask_references": False})
+    if init_from is not None:  # train further: a longer budget without starting over
+        train = train.model_copy(update={"init_from": str(init_from / "models" / variant)})
+    return recipe.model_copy(update={"model": model, "pair": pair, "train": train})
+
+
 def train_variant(
-    variant: str, shards: list[str], bank: Any, args: argparse.Namespace, threads: int
+    variant: str, recipe: Any, shards: list[str], bank: Path | None, out: Path,
+    device: str = "cpu", threads: int = 1, init_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train one variant and save it to ``OUT/models/<variant>`` (run in its own process)."""
+    """Train one variant of ``recipe`` with the pipeline's trainer and save it to
+    ``out/models/<variant>`` with its recipe (run in its own process)."""
     import torch
     from tqdm import tqdm
 
     import flows  # noqa: F401  - offline environment variables (a fresh process)
-    from durian.data.pairs import PairConfig
-    from durian.models.profiles import build_model
-    from durian.training.loop import BatchSource, Trainer
+    from durian.pipelines.pipeline_durian import save_durian_pipeline
+    from durian.training.config import save_recipe
+    from durian.training.loop import Trainer
 
     torch.set_num_threads(threads)
-    torch.manual_seed(args.seed)
-    if args.init_from is not None:  # train further: a longer budget without starting over
-        model = load_variant(args.init_from, variant).train()
-    else:
-        model = build_model("tiny", resolution=RESOLUTION, widths=tuple(args.widths),
-                            pixel_downscale=args.pixel_downscale,
-                            shared_reference_net=variant == "shared",
-                            freeze_reference_last_up_block=args.freeze_last_up,
-                            reference_locality=not args.no_locality,
-                            zero_terminal_snr=args.zero_terminal_snr)
-    pair = PairConfig(resolution=RESOLUTION, min_gap=4, mask_references=variant != "unmasked",
-                      num_frames=args.target_frames, brightness=args.jitter,
-                      contrast=args.jitter, saturation=args.jitter, hue=args.jitter / 10,
-                      **spatial_augment(args))
-    source = BatchSource(shards, pair, args.batch, mask_bank=bank, num_workers=args.loader_workers)
-    trainer = Trainer(
-        model, source, stage=1, steps=args.steps, lr=args.lr, seed=args.seed,
-        max_grad_norm=1.0, ema_decay=args.ema, lr_scheduler=args.lr_schedule, device=args.device,
-        lr_warmup_steps=args.warmup, timestep_bias=args.timestep_bias,
-        timestep_bias_multiplier=args.timestep_bias_multiplier,
-        timestep_bias_portion=args.timestep_bias_portion,
-    )  # fmt: skip
+    recipe = variant_recipe(recipe, variant, init_from)
+    trainer = Trainer.from_config(recipe, shards, bank, device=device)
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(trainer.steps(), total=args.steps, desc=f"train {variant}", mininterval=30)
+    bar = tqdm(trainer.steps(), total=trainer.total_steps, desc=f"train {variant}",
+               mininterval=30)  # fmt: skip
     for stats in bar:
         losses.append(stats["loss"])
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     wall = time.perf_counter() - start
     if trainer.ema is not None:
-        trainer.ema.copy_to(model)
-    model.save_pretrained(str(args.out / "models" / variant))
+        trainer.ema.copy_to(trainer.model)
+    folder = out / "models" / variant
+    save_durian_pipeline(trainer.model, folder)  # what durian run exports
+    save_recipe(folder, recipe)
     window = max(1, min(100, len(losses) // 10))
     curve = [float(np.mean(losses[i : i + window])) for i in range(0, len(losses), window)]
     return {"train_s": wall, "loss_curve": curve, "loss_window": window,
-            "final_loss": curve[-1] if curve else float("nan")}
+            "final_loss": curve[-1] if curve else float("nan"),
+            "config_hash": trainer.config_hash}
 
 
-def spatial_augment(args: argparse.Namespace) -> dict[str, float]:
-    """PairConfig's affine ranges from ``--spatial-augment`` (none given: the loader's)."""
-    if args.spatial_augment is None:
-        return {}
-    return dict(zip(("max_translate", "max_scale", "max_rotate"), args.spatial_augment,
-                    strict=True))
-
-
-def train_all(shards: list[str], bank: Any, args: argparse.Namespace) -> dict[str, dict]:
+def train_all(shards: list[str], bank: Path, args: argparse.Namespace) -> dict[str, dict]:
     """Every variant, ``args.jobs`` at a time in separate processes (each with its share of
     ``args.threads``): on 2 cores two single-threaded trainings do ~30% more steps per second
     than one two-threaded one. Same seeds and step counts either way."""
@@ -175,18 +176,21 @@ def train_all(shards: list[str], bank: Any, args: argparse.Namespace) -> dict[st
     from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, args.threads // args.jobs)
+    recipe = args.settings.recipe()
+    common = (shards, bank, args.out, args.device, threads, args.init_from)
     if args.jobs == 1:
-        return {v: train_variant(v, shards, bank, args, threads) for v in args.variants}
+        return {v: train_variant(v, recipe, *common) for v in args.variants}
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {v: pool.submit(train_variant, v, shards, bank, args, threads)
-                   for v in args.variants}
+        futures = {v: pool.submit(train_variant, v, recipe, *common) for v in args.variants}
         return {v: f.result() for v, f in futures.items()}
 
 
 def load_variant(out: Path, variant: str, device: str = "cpu") -> Any:
     from durian.models.durian_model import DurianModel
+    from durian.pipelines.pipeline_durian import model_component
 
-    return DurianModel.from_pretrained(str(out / "models" / variant)).to(device).eval()
+    folder = model_component(out / "models" / variant)
+    return DurianModel.from_pretrained(str(folder)).to(device).eval()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -378,69 +382,18 @@ def main() -> None:
                         "trained 4000 steps scored a 30%% higher loss on unseen identities than "
                         "on its own: identities, not frames, are what it must generalise over")
     p.add_argument("--frames", type=int, default=16, help="frames per training video")
-    p.add_argument("--steps", type=int, default=2400, help="optimisation steps per variant")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--widths", type=int, nargs=2, default=[64, 128],
-                   help="U-Net level widths of the tiny profile (the pipeline default is 32 64; "
-                        "64 128 denoises faster per second here)")
-    p.add_argument("--pixel-downscale", type=int, default=4, choices=[2, 4],
-                   help="the tiny profile's pixel-unshuffle factor: DNet and the reference nets "
-                        "work (and dual reference fusion attends) at 64/N tokens across the "
-                        "frame (SD 1.5: 64 across its frame). 2 scored better per step (400 "
-                        "steps, no affine, one DDIM step: 14.48 dB / SSIM 0.543 vs 14.01 / "
-                        "0.515) at 6.5x the time per step on a CPU: a recipe for --device cuda")
-    p.add_argument("--jitter", type=float, default=0.05,
-                   help="colour-jitter strength of reference augmentation (brightness, contrast, "
-                        "saturation; hue a tenth). The paper's ranges are unknown; the targets "
-                        "keep the portrait's exact colours, and 0.05 scored better than the "
-                        "pipeline's 0.2 in 600-step trials")
-    p.add_argument("--spatial-augment", type=float, nargs=3, default=None,
-                   metavar=("TRANSLATE", "SCALE", "ROTATE"),
-                   help="ranges of the references' random affine (fraction of the image, "
-                        "fraction, degrees; default: the loader's, 0.05 0.1 10; 0 0 0: none). "
-                        "The synthetic clips already move between reference and target frames "
-                        "and their crops align the faces; without the warp the model renders "
-                        "sharper but places attributes a little worse (full runs, one DDIM "
-                        "step: SSIM 0.616 vs 0.589, attribute PSNR 15.32 vs 15.59 dB; 4 and 20 "
-                        "steps: SSIM +0.04, attribute PSNR -0.02/-0.07 dB). The default keeps "
-                        "the paper's augmentation")
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                   help="learning rate over the run (diffusers schedules). Cosine scored no "
-                        "better in 1500-step trials (peak 1e-3: 0.8 dB attribute PSNR lower; "
-                        "2e-3: equal): this budget is too short to anneal")
-    p.add_argument("--warmup", type=int, default=50, help="cosine's warmup steps")
-    p.add_argument("--ema", type=float, default=0.995,
-                   help="EMA decay (0 = none). The EMA's warmup, (1+n)/(10+n), keeps the decay "
-                        "below 0.995 until update ~1800, so a higher value changes nothing in "
-                        "2400 steps; averaging the raw weights of the last 200-800 of 800 steps "
-                        "scored no better than the EMA")
-    p.add_argument("--target-frames", type=int, default=1,
-                   help="frames of one training video reconstructed from the same reference "
-                        "pair in one example (stage 1 has no temporal layers, so they are "
-                        "independent images; the reference nets run once for all of them)")
-    p.add_argument("--timestep-bias", default="later", choices=["none", "later", "earlier"],
-                   help="diffusers' timestep bias of training (durian.training.step). With "
-                        "--zero-terminal-snr, later (x3 on the last 30%%) scored SSIM 0.589 vs "
-                        "0.572 at one DDIM step and equal attribute PSNR (15.59 vs 15.62 dB) in "
-                        "full runs: the one-step sample depends less on the sampling noise")
-    p.add_argument("--timestep-bias-multiplier", type=float, default=3.0)
-    p.add_argument("--timestep-bias-portion", type=float, default=0.3)
-    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=True,
-                   help="the noise schedule rescaled to zero SNR at t=999 (DurianModel): the "
-                        "first sampling step then sees no signal at all (a fresh model only: "
-                        "--init-from keeps the saved model's schedule)")
-    p.add_argument("--freeze-last-up", action="store_true",
-                   help="freeze the reference nets' last up block ([base] with SD weights; "
-                        "the recipe up to session 4): two of the four fusion points then read "
-                        "frozen random features")
-    p.add_argument("--no-locality", action="store_true",
-                   help="no locality bias in dual reference fusion (the recipe up to session "
-                        "4; durian.models.attention)")
+    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
+                   help="the recipe: model, pair, train, preprocess (crop) and mask_bank "
+                        "sections of a params file (default: params/learns_transfer.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="override a value of the params file (YAML), repeatable: e.g. "
+                        "--set model.pixel_downscale=2 --set pair.max_rotate=0")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimisation steps per variant (--set train.steps=N)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="an earlier --out: each variant continues from its saved model (its "
-                   "EMA weights; optimiser and EMA start afresh), --steps more steps")
-    p.add_argument("--loader-workers", type=int, default=1)
+                   "EMA weights; optimiser and EMA start afresh), train.steps more steps")
     p.add_argument("--eval-cases", type=int, default=24)
     p.add_argument("--sample-steps", type=int, nargs="+", default=[1, 4, 20],
                    help="DDIM steps; every method is sampled with each")
@@ -450,7 +403,6 @@ def main() -> None:
                         "the model's x0 estimate from pure noise")
     p.add_argument("--variants", nargs="+", default=["durian", "unmasked", "shared"],
                    choices=["durian", "unmasked", "shared"])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu",
                    help="where training and sampling run (cuda on a GPU machine: the same "
@@ -461,24 +413,35 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.train_videos, args.steps, args.eval_cases, args.sample_steps = 16, 20, 4, [1, 4]
-    args.ema = args.ema or None
-    args.warmup = min(args.warmup, args.steps // 10)  # short runs warm up a tenth at most
     args.jobs = min(args.jobs or len(args.variants), len(args.variants))
 
     import torch
 
     import flows  # noqa: F401  - offline environment variables
     from durian.data.masks import build_mask_bank
+    from flows.params import load_params, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    if args.steps is not None:
+        overrides.setdefault("train", {})["steps"] = args.steps
+    args.settings = settings = load_params(args.params, overrides)
+    args.seed = settings.train.seed  # data, evaluation cases and sampling noise too
     from durian.evaluation.baselines import copy_paste_transfer
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    shards, clips = make_training_shards(args.out, args.train_videos, args.frames, args.seed)
-    bank = build_mask_bank(clips, 256, np.random.default_rng(args.seed), frames_per_clip=2)
+    crop = settings.preprocess
+    shards, clips = make_training_shards(args.out, args.train_videos, args.frames, args.seed,
+                                         crop)  # fmt: skip
+    bank = build_mask_bank(clips, settings.mask_bank.per_category_limit,
+                           np.random.default_rng(args.seed),
+                           frames_per_clip=settings.mask_bank.frames_per_clip)  # fmt: skip
+    bank_path = args.out / "mask_bank.npz"
+    bank.save(bank_path)
     del clips
-    cases = make_eval_cases(args.eval_cases, args.seed)
+    cases = make_eval_cases(args.eval_cases, args.seed, crop)
     timings["data_s"] = time.perf_counter() - t0
     print(f"data: {args.train_videos} training videos, {len(cases)} cross-identity cases "
           f"({', '.join(sorted({c.category for c in cases}))}), bank {bank.counts()}, "
@@ -488,7 +451,7 @@ def main() -> None:
     outputs: dict[int, dict[str, list[np.ndarray]]] = {s: {} for s in args.sample_steps}
     averaged: dict[int, list[np.ndarray]] = {}  # calibration: Durian over NOISE_DRAWS noises
     t1 = time.perf_counter()
-    training = train_all(shards, bank, args)
+    training = train_all(shards, bank_path, args)
     timings["train_s"] = time.perf_counter() - t1
     print(f"trained {', '.join(args.variants)} ({args.jobs} at a time): "
           f"{timings['train_s'] / 60:.1f} min", flush=True)
@@ -510,7 +473,7 @@ def main() -> None:
         print(f"{variant}: one-step x0 L1 on held-out cases by t: " + ", ".join(
             f"t={t} {info['denoising'][f'x0_l1_t{t}']:.3f} (noisy input "
             f"{info['denoising'][f'identity_l1_t{t}']:.3f})" for t in DENOISE_TIMESTEPS))
-        print(f"{variant}: {args.steps} steps in {info['train_s']:.0f} s, final loss "
+        print(f"{variant}: {settings.train.steps} steps in {info['train_s']:.0f} s, final loss "
               f"{info['final_loss']:.4f}; sampling {info['eval_s']:.0f} s", flush=True)
     copy_paste = [copy_paste_transfer(c) for c in cases]
     blur_rows = target_blur_rows(cases)
@@ -524,7 +487,7 @@ def main() -> None:
         scores = {k: score(cases, v) for k, v in outs.items()}
         results = {k: v["mean"] for k, v in scores.items()}
         print(f"\ncross-identity transfer, {len(cases)} held-out cases × "
-              f"{cases[0].target.shape[0]} frames at {RESOLUTION}px, DDIM {steps} steps "
+              f"{cases[0].target.shape[0]} frames at {crop.resolution}px, DDIM {steps} steps "
               f"(copy-paste needs no sampling; mean over cases)")
         print_table(results)
         by_category: dict[str, dict[str, float]] = {}
@@ -557,7 +520,10 @@ def main() -> None:
         grid = sample_grid(cases, outs, n=min(8, len(cases)))
         cv2.imwrite(str(args.out / f"samples_ddim{steps}.png"),
                     cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    report |= {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    own = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+           if k != "settings"}
+    report |= {"args": own, "params": settings.model_dump(mode="json"),
+               "config_hash": settings.recipe().config_hash(),
                "cases": [{"key": c.key, "category": c.category} for c in cases],
                "training": training, "timings": timings,
                "columns": ["portrait", "attribute", "driving", *next(iter(outputs.values())),

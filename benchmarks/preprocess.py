@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flows  # noqa: E402,F401  (offline/loopback environment first)
-from durian.config import PreprocessParams  # noqa: E402
-from durian.data.clip import Clip, encode_clip  # noqa: E402
+from durian.data.clip_codec import Clip, encode_clip  # noqa: E402
+from flows.params import PreprocessParams  # noqa: E402
 from flows.preprocess import process_video  # noqa: E402
 from preprocessing.faces import (  # noqa: E402
     FaceAnalyzer,
@@ -40,9 +40,9 @@ from preprocessing.faces import (  # noqa: E402
 )
 from preprocessing.ingest import ingest  # noqa: E402
 from preprocessing.parsing import LandmarkParser  # noqa: E402
-from preprocessing.sample import REAL_PHOTOS, real_clip  # noqa: E402
 from preprocessing.shards import ShardWriter  # noqa: E402
 from preprocessing.video import read_frames, write_video  # noqa: E402
+from synthetic.sample import REAL_PHOTOS, real_clip  # noqa: E402
 
 RESOLUTION = 256
 

@@ -58,13 +58,13 @@ def synthetic_batch(batch: int, resolution: int, seed: int = 0) -> dict[str, Any
 
 
 def _trainer(config: dict[str, Any], rank: int = 0):  # noqa: ANN202
+    from durian.models.config import ModelConfig
     from durian.training.loop import Trainer, build_training_model
 
-    model_cfg = {"profile": "tiny", "resolution": config["resolution"]}
-    model = build_training_model({"model": model_cfg, "seed": 0})
+    model = build_training_model(ModelConfig(resolution=config["resolution"]))
     batch = synthetic_batch(config["batch"], config["resolution"], seed=rank)
     steps = config["warmup"] + config["steps"]
-    return Trainer(model, itertools.repeat(batch), stage=1, steps=steps, lr=1e-4, rank=rank)
+    return Trainer(model, itertools.repeat(batch), steps=steps, lr=1e-4, rank=rank)
 
 
 def _timed(trainer: Any, config: dict[str, Any], world: int) -> float:

@@ -5,85 +5,20 @@
                    [--model models:/durian@champion | PATH] [--frames N] [--steps S]
                    [--guidance G] [--seed K] [--device auto|cpu|cuda] [--side-by-side]
 
-The model is a local folder (a ``DurianModel.save_pretrained`` folder, a saved pipeline, or a
-downloaded MLflow pyfunc) or a registry URI ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``
-on the project's MLflow store. Every bad input ends with exit code 1 and one line
-``error: …`` on stderr.
+The model is a local folder (a saved pipeline, an older ``DurianModel.save_pretrained`` folder,
+or a downloaded MLflow pyfunc) or a registry URI ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``
+on the project's MLflow store, found by :func:`flows.model_store.resolve_model`. Every bad input
+ends with exit code 1 and one line ``error: …`` on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "models:/durian@champion"
-
-
-class ModelNotFoundError(LookupError):
-    """The ``--model`` cannot be found in the registry or on disk (one-line message)."""
-
-
-def _not_found(spec: str, why: str) -> ModelNotFoundError:
-    return ModelNotFoundError(f"model cannot be found in the registry or on disk: {spec} ({why})")
-
-
-def model_folder(path: Path) -> Path | None:
-    """The DurianModel folder (with config.json) inside ``path``: the folder itself, a saved
-    pipeline's ``model/``, or an MLflow pyfunc's ``model`` artifact; None if none."""
-    if (path / "config.json").is_file():
-        return path
-    if (path / "model_index.json").is_file() and (path / "model" / "config.json").is_file():
-        return path / "model"
-    if (path / "MLmodel").is_file():
-        from mlflow.models import Model
-
-        flavor = Model.load(str(path / "MLmodel")).flavors.get("python_function", {})
-        artifact = (flavor.get("artifacts") or {}).get("model") or {}
-        if artifact.get("path"):
-            return model_folder(path / artifact["path"])
-    return None
-
-
-@contextlib.contextmanager
-def resolved_model(spec: str) -> Iterator[Path]:
-    """Yield a local DurianModel folder for ``spec`` (a path or ``models:/…``); a registry
-    model is downloaded into a temporary folder that is removed afterwards."""
-    if not spec.startswith("models:/"):
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise _not_found(spec, "no such folder")
-        folder = model_folder(path) if path.is_dir() else None
-        if folder is None:
-            raise _not_found(spec, "not a Durian model folder: no config.json")
-        yield folder
-        return
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from flows.env import tracking_uri
-
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        # Opening a missing sqlite store would create an empty one in the user's folder.
-        raise _not_found(spec, f"no MLflow store at {uri[len('sqlite:///') :]}")
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="durian-model-") as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=tmp))
-        except MlflowException as err:
-            first = str(err.message).strip().splitlines()[0] if str(err.message) else "not found"
-            raise _not_found(spec, first) from None
-        folder = model_folder(local)
-        if folder is None:
-            raise _not_found(spec, "the registered model has no 'model' artifact")
-        yield folder
 
 
 def pick_device(name: str) -> str:
@@ -102,18 +37,17 @@ def load_pipeline(spec: str, device: str = "auto") -> Any:
     """A ready :class:`DurianPipeline` for ``--model`` ``spec`` on ``device`` (fp16 on CUDA)."""
     import torch
 
-    from durian.models.durian_model import DurianModel
-    from durian.models.profiles import make_noise_scheduler
     from durian.pipelines.pipeline_durian import DurianPipeline
+    from flows.model_store import not_found, resolve_model
 
     device = pick_device(device)
-    with resolved_model(spec) as folder:
-        try:
-            model = DurianModel.from_pretrained(folder).eval()
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            msg = " ".join(str(err).split())[:200]
-            raise _not_found(spec, f"cannot load it: {type(err).__name__}: {msg}") from None
-    pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
+    folder = resolve_model(spec)
+    try:
+        pipe = DurianPipeline.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        msg = " ".join(str(err).split())[:200]
+        raise not_found(spec, f"cannot load it: {type(err).__name__}: {msg}") from None
+    pipe.model.eval()
     # fp16 on CUDA; on CPU the saved fp32 weights stay as they are.
     return pipe.to(device, torch.float16) if device == "cuda" else pipe.to(device)
 
@@ -174,36 +108,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return add_arguments(parser)
 
 
-@contextlib.contextmanager
-def quiet_native_stderr() -> Iterator[None]:
-    """Send what native libraries (mediapipe, LiteRT) write to fd 2 to /dev/null while Python's
-    own stderr (progress bars, the error line) still reaches the terminal. Only for a real
-    process stderr: under a test's captured stderr nothing changes."""
-    if sys.stderr is not sys.__stderr__ or sys.stderr is None:
-        yield
-        return
-    try:
-        fd = sys.stderr.fileno()
-    except (OSError, ValueError):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    python_stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8")
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
-    sys.stderr = python_stderr
-    try:
-        yield
-    finally:
-        python_stderr.flush()
-        sys.stderr = sys.__stderr__
-        os.dup2(saved, fd)
-        os.close(saved)
-        python_stderr.close()
-
-
 def run(args: argparse.Namespace) -> Path:
     """Do the work of ``durian animate``; raises DurianInputError / ModelNotFoundError."""
     from durian.inference import animate, parse_attribute_spec
@@ -239,17 +143,18 @@ def run(args: argparse.Namespace) -> Path:
 
 def cmd_animate(args: argparse.Namespace) -> int:
     from durian.inference.errors import DurianInputError
+    from flows.model_store import ModelNotFoundError
 
-    with quiet_native_stderr():
-        try:
-            out = run(args)
-        except (DurianInputError, ModelNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return 130
-        print(f"wrote {out}")
+    # mediapipe's native log lines are silenced where its models are made (preprocessing.mp_models).
+    try:
+        out = run(args)
+    except (DurianInputError, ModelNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print(f"wrote {out}")
     return 0
 
 

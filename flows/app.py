@@ -100,8 +100,8 @@ def build_app(pipeline: Any, work_dir: str | os.PathLike | None = None) -> Any:
     """The Gradio Blocks page around ``pipeline`` (a DurianPipeline)."""
     import gradio as gr
 
-    from durian.data.attributes import CATEGORIES
     from durian.inference.presets import PRESETS
+    from preprocessing.labels import CATEGORIES
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="durian-app-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_app(args: argparse.Namespace) -> int:
     from durian.inference.errors import DurianInputError
-    from flows.animate import ModelNotFoundError, load_pipeline
+    from flows.animate import load_pipeline
+    from flows.model_store import ModelNotFoundError
 
     try:
         import gradio  # noqa: F401

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from durian.config import PIPELINE_STAGES, Params, ParamsError, load_params
 from flows.env import project_dir
+from flows.params import PIPELINE_STAGES, Params, ParamsError, load_params
 from flows.stop import stop_guard
 
 STAGES = PIPELINE_STAGES

@@ -9,7 +9,10 @@ Must run before Prefect, Ray or MLflow is imported (they read settings at import
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 QUIET = {
@@ -26,8 +29,6 @@ QUIET = {
     "PREFECT_LOGGING_LEVEL": "INFO",
     "TOKENIZERS_PARALLELISM": "false",
     "GRADIO_ANALYTICS_ENABLED": "False",
-    # mediapipe / LiteRT native logging: warnings and errors only.
-    "GLOG_minloglevel": "2",
 }
 
 
@@ -60,11 +61,51 @@ def setup(root: Path | None = None) -> Path:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
-    # Ray's dashboard probes cloud metadata addresses unless it finds a local provider config.
-    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
-    if not bootstrap.exists():
-        try:
-            bootstrap.write_text("provider: {type: local}\n")
-        except OSError:
-            pass
     return root
+
+
+@contextmanager
+def local_ray_home(temp_dir: str) -> Iterator[str]:
+    """The environment a local Ray starts in, all of its state under ``temp_dir`` (Ray's temp
+    dir, see :func:`ray_temp_dir`). Yields the user's own home, for the Ray workers (whose
+    model caches live there).
+
+    * ``HOME`` is ``<temp_dir>/home`` while Ray starts its processes (they copy the environment
+      then), holding a ``ray_bootstrap_config.yaml`` that names a local provider. Why: Ray's
+      usage-stats module (loaded by its dashboard process even with the dashboard off) reads
+      ``~/ray_bootstrap_config.yaml`` and, when there is none, sends requests to the cloud
+      metadata addresses (169.254.169.254, metadata.google.internal) to name the cloud. Written
+      into the user's home, the file is state outside the project and makes Ray Tune take the
+      machine for an autoscaling cluster.
+    * The cluster's authentication token is ``<temp_dir>/auth_token`` (``RAY_AUTH_TOKEN_PATH``,
+      kept for the rest of the process): Ray would otherwise generate ``~/.ray/auth_token``, and
+      with ``HOME`` moved its processes and the workers would read different tokens. A token
+      the user gives (``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``) is kept.
+    """
+    real_home = str(Path.home())
+    home = Path(temp_dir) / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        token = Path(temp_dir) / "auth_token"
+        if not token.is_file():
+            fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    with environ_set("HOME", str(home)):
+        yield real_home
+
+
+@contextmanager
+def environ_set(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block, then as it was (unset if it was unset)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

@@ -33,8 +33,7 @@ import webdataset as wds
 from PIL import Image
 from prefect import flow, get_run_logger
 
-from durian.config import EvaluateParams
-from durian.data.clip import decode_clip
+from durian.data.clip_codec import decode_clip
 from durian.evaluation.attribute import ClipImageEncoder, attribute_similarity
 from durian.evaluation.cases import (
     EvalCase,
@@ -59,24 +58,28 @@ from durian.evaluation.perceptual import (
 from durian.evaluation.side_by_side import preview_row, side_by_side_frames
 from durian.pipelines.pipeline_durian import DurianPipeline
 from flows.common import paths, read_params, run_main, write_json
+from flows.eval_cases import cross_identity_cases
 from flows.mlflow_adapter import start_run
+from flows.params import EvaluateParams
 from flows.stop import report_progress
 from preprocessing.faces import FaceAnalyzer
 from preprocessing.shards import list_shards
-from preprocessing.synthetic.eval_cases import cross_identity_cases
 from preprocessing.video import write_video
 
 FPS = 12.0  # of the evaluation videos (the sample data's rate)
 
 
 def load_pipeline(model_dir: Path) -> DurianPipeline:
-    from durian.models.durian_model import DurianModel
-    from durian.models.profiles import make_noise_scheduler
+    from flows.model_store import ModelNotFoundError, resolve_model
 
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"no trained model in {model_dir}: run the train stage first")
-    model = DurianModel.from_pretrained(str(model_dir)).eval()
-    pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
+    try:
+        folder = resolve_model(model_dir)
+    except ModelNotFoundError:
+        raise FileNotFoundError(
+            f"no trained model in {model_dir}: run the train stage first"
+        ) from None
+    pipe = DurianPipeline.from_pretrained(folder)
+    pipe.model.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,6 +1,7 @@
-"""Stage ``ingest``: list the source, probe every new video (one Prefect task each, retried on
-I/O errors, cached on the item's content + params), split into clips at the target fps, drop
-exact duplicates, merge into the earlier manifests.
+"""Stage ``ingest``: list the source, probe every new video (one Prefect task each, a URL's
+download retried ``ingest.download_retries`` times on transient failures, cached on the item's
+content + params), split into clips at the target fps, drop exact duplicates, merge into the
+earlier manifests.
 
 Outputs: ``data/manifest/videos.parquet`` (one row per listed item, with status and reason),
 ``data/manifest/clips.parquet`` (one row per clip of an ``ok`` video), ``state.json`` (the
@@ -28,11 +29,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.futures import wait
+from prefect.runtime import task_run
 
 import preprocessing.ingest as ingest_lib
 import preprocessing.video as video_lib
 from flows.common import paths, read_params, run_main, write_json
 from flows.locks import file_lock, lock_path
+from flows.retries import with_retries
 from flows.stop import report_progress, stop_deferred
 from preprocessing.incremental import (
     fingerprint,
@@ -42,7 +45,9 @@ from preprocessing.incremental import (
     write_state,
 )
 from preprocessing.ingest import (
+    DownloadError,
     SourceSpec,
+    download,
     ingest,
     is_url,
     known_video_ids,
@@ -91,11 +96,22 @@ def _item_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     return "ingest-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-@task(name="ingest-video", retries=2, retry_delay_seconds=1, task_run_name="ingest {item}",
-      cache_key_fn=_item_cache_key, persist_result=True)
+@task(name="ingest-video", task_run_name="ingest {item}", cache_key_fn=_item_cache_key,
+      persist_result=True)
 def ingest_item(
     item: str, params: dict[str, Any], download_dir: str, known: frozenset[str], fingerprint: str
 ) -> tuple[list, list]:
+    if is_url(item):
+        # Fetched here, once per attempt, so that a transient failure fails the task run and
+        # Prefect retries it (flows.retries); ingest() below then finds the file in place.
+        try:
+            download(item, download_dir, timeout_s=params["download_timeout_s"],
+                     max_bytes=_mb(params["download_max_mb"]),
+                     total_timeout_s=params["download_total_timeout_s"])
+        except DownloadError as e:
+            if e.transient and task_run.get_run_count() <= params["download_retries"]:
+                raise
+            return [ingest_lib.failed_row(item, e.item_reason)], []
     return ingest(
         [item],
         fps=params["fps"],
@@ -105,7 +121,6 @@ def ingest_item(
         download_dir=download_dir,
         timeout_s=params["download_timeout_s"],
         max_bytes=_mb(params["download_max_mb"]),
-        retries=params["download_retries"],
         total_timeout_s=params["download_total_timeout_s"],
         max_file_bytes=_mb(params["max_mb"]),
         probe_timeout_s=params["probe_timeout_s"],
@@ -188,9 +203,10 @@ def _ingest(items: list[str], spec: SourceSpec, cfg: dict[str, Any], fp: str,
     problems = [ingest_lib.item_problem(item) for item in items]
     probed = _ProbeCount(sum(problem is None for problem in problems))
     futures = {}
+    ingest_task = with_retries(ingest_item, cfg["download_retries"])
     for i, (item, problem) in enumerate(zip(items, problems, strict=True)):
         if problem is None:
-            futures[i] = ingest_item.submit(item, task_cfg, download_dir, known, fp)
+            futures[i] = ingest_task.submit(item, task_cfg, download_dir, known, fp)
             futures[i].add_done_callback(probed)
     wait(list(futures.values()))
     results = [

@@ -1,19 +1,22 @@
 """File locks that keep two pipeline runs (or two writers of one output folder) apart.
 
-``flock`` locks belong to the open file: the kernel drops them when the holder exits, however
-it exits (SIGKILL included), so a crashed run never leaves a stale lock behind. The lock file
-holds the holder's pid and what it runs, for ``durian status``-style inspection and tests.
+``filelock.FileLock`` takes a kernel ``flock`` on the open file: the kernel drops it when the
+holder exits, however it exits (SIGKILL included), so a crashed run never leaves a stale lock
+behind. The lock file holds the holder's pid and what it runs, for ``durian status``-style
+inspection and tests; filelock opens it without truncating, so a contender that loses the race
+leaves the holder's record readable.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from flows.env import project_dir
 
@@ -43,25 +46,24 @@ def holder(path: Path) -> dict:
 def file_lock(path: Path, timeout_s: float = 0.0, what: str = "") -> Iterator[Path]:
     """Hold an exclusive lock on ``path``; wait up to ``timeout_s`` (0: fail at once) or raise
     :class:`LockBusy`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockBusy(path, holder(path)) from None
-                time.sleep(0.5)
+
+    def record_holder(fd: int) -> None:  # runs with the lock held, before acquire returns
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "what": what, "since": time.time()}).encode(),
-                  0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "what": what, "since": time.time()})
+                  .encode(), 0)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # preserve_lock_file: the record must stay at this path; fallback_to_soft=False: a
+    # filesystem without flock fails loudly rather than getting a lock a SIGKILL leaves stale.
+    lock = FileLock(path, poll_interval=0.5, preserve_lock_file=True, fallback_to_soft=False,
+                    on_acquired=record_holder)
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise LockBusy(path, holder(path)) from None
+    try:
+        yield path
     finally:
-        os.close(fd)
+        # Emptied while still held: a reader never sees a finished run's record as a holder.
+        os.truncate(path, 0)
+        lock.release()

@@ -33,7 +33,7 @@ def mask_bank_path(root: Path | None = None) -> Path:
 def _clips(shards: list[str]) -> Iterator[Any]:
     import webdataset as wds
 
-    from durian.data.clip import decode_clip
+    from durian.data.clip_codec import decode_clip
 
     for i, url in enumerate(shards, 1):
         for sample in wds.tarfile_samples([{"url": url}]):

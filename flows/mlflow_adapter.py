@@ -69,3 +69,11 @@ def start_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[mlf
         raise
     with stop_deferred():
         mlflow.end_run()
+
+
+def tag_runs(run_ids: list[str], tags: dict[str, str]) -> None:
+    """Set ``tags`` on the runs ``run_ids`` (provenance known only after they ended)."""
+    c = client()
+    for run_id in run_ids:
+        for key, value in tags.items():
+            c.set_tag(run_id, key, value)

@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.common import STAGES, params_path, paths, read_params
+from flows.env import environ_set
 from flows.locks import LockBusy, file_lock, lock_path
 
 ARTIFACT_KEY = "durian-run-summary"
@@ -47,7 +48,7 @@ def source_override(source: str) -> dict[str, str]:
 @contextlib.contextmanager
 def run_params(overrides: dict[str, dict[str, Any]]) -> Iterator[Path]:
     """Point every stage at a params file = the chosen file + ``overrides`` (validated)."""
-    from durian.config import parse_params
+    from flows.params import parse_params
 
     base = params_path()
     if not overrides:
@@ -60,15 +61,8 @@ def run_params(overrides: dict[str, dict[str, Any]]) -> Iterator[Path]:
     derived = paths().root / ".durian" / "run-params.yaml"
     derived.parent.mkdir(parents=True, exist_ok=True)
     derived.write_text(yaml.safe_dump(data, sort_keys=False))
-    before = os.environ.get("DURIAN_PARAMS")
-    os.environ["DURIAN_PARAMS"] = str(derived)
-    try:
+    with environ_set("DURIAN_PARAMS", str(derived)):
         yield derived
-    finally:
-        if before is None:
-            os.environ.pop("DURIAN_PARAMS", None)
-        else:
-            os.environ["DURIAN_PARAMS"] = before
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -118,16 +112,29 @@ def _record(outcome: dict[str, Any]) -> None:
         f.write(json.dumps(outcome, sort_keys=True, default=str) + "\n")
 
 
+@contextlib.contextmanager
+def not_fatal(what: str, log: Any) -> Iterator[None]:
+    """Run a step that only reports (a summary artifact, provenance tags): its failure is logged
+    as a warning with its cause (``log``: a logger) and does not turn a good run into a failed
+    one."""
+    try:
+        yield
+    except Exception as err:  # any cause: the run's own work is done and recorded already
+        log.warning("%s failed (the run goes on): %s: %s", what, type(err).__name__, err)
+
+
 def _report(outcome: dict[str, Any]) -> None:
-    get_run_logger().info("pipeline outcome: %s", json.dumps(outcome, default=str))
+    log = get_run_logger()
+    log.info("pipeline outcome: %s", json.dumps(outcome, default=str))
     _record(outcome)
-    with contextlib.suppress(Exception):  # the summary must not turn a good run into a failure
+    with not_fatal(f"the run-summary artifact {ARTIFACT_KEY!r}", log):
         create_markdown_artifact(markdown=markdown(outcome), key=ARTIFACT_KEY,
                                  description="durian scheduled run: data, model, promotion")
 
 
 def _run_stages(chosen: list[str], version_data: bool) -> tuple[dict, dict | None]:
-    from flows.versioning import provenance_tags, record_version, tag_runs
+    from flows.mlflow_adapter import tag_runs
+    from flows.versioning import provenance_tags, record_version
 
     log = get_run_logger()
     results: dict[str, Any] = {}
@@ -148,8 +155,9 @@ def _run_stages(chosen: list[str], version_data: bool) -> tuple[dict, dict | Non
                _json(paths().root / "models" / "evaluate.json").get("mlflow_run_id")
                if "evaluate" in results else None]
     tags = provenance_tags() | {"prefect_flow_run_id": str(flow_run.get_id() or "")}
-    with contextlib.suppress(Exception):
-        tag_runs([r for r in run_ids if r], tags)
+    run_ids = [r for r in run_ids if r]
+    with not_fatal(f"provenance tagging of the MLflow runs {run_ids}", log):
+        tag_runs(run_ids, tags)
     return results, version
 
 

@@ -1,9 +1,10 @@
 """Stage ``preprocess``: every clip of the manifest → face track → square crop → 478 landmarks
 → face parsing → one WebDataset sample; shards split by source video, plus a Parquet index.
 
-One Prefect task per video (retried on I/O errors, at most ``preprocess.workers`` at a time,
-cached on the video's content + clips + params). With ``preprocess.runner: ray`` the same
-per-video work fans out as Ray tasks on the local or configured cluster instead.
+One Prefect task per video (retried ``preprocess.retries`` times on I/O errors, with backoff;
+at most ``preprocess.workers`` at a time; cached on the video's content + clips + params).
+With ``preprocess.runner: ray`` the same per-video work fans out as Ray tasks on the local or
+configured cluster instead, retried as often by Ray.
 Synthetic videos carry exact labels in ``<video>.gt.npz``; with ``trust_ground_truth`` they
 are used instead of the detector and parser. A clip that is rejected (no face, two faces, face
 too small, undecodable) is recorded with its reason in ``data/shards/rejected.parquet``; the
@@ -37,18 +38,20 @@ import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 
-import durian.data.clip as clip_lib
+import durian.data.clip_codec as clip_lib
 import durian.data.masks as masks_lib
+import preprocessing.crop as process_lib
 import preprocessing.faces as faces_lib
 import preprocessing.parsing as parsing_lib
-import preprocessing.process as process_lib
 import preprocessing.shards as shards_lib
 import preprocessing.video as video_lib
-from durian.data.clip import Clip, encode_clip
+from durian.data.clip_codec import Clip, encode_clip
 from durian.data.masks import category_fractions
 from flows.common import paths, read_params, run_main, write_json
 from flows.locks import file_lock, lock_path
+from flows.retries import with_retries
 from flows.stop import report_progress, stop_deferred
+from preprocessing.crop import process_clip
 from preprocessing.faces import ClipRejected, FaceAnalyzer
 from preprocessing.incremental import (
     fingerprint,
@@ -59,7 +62,6 @@ from preprocessing.incremental import (
 )
 from preprocessing.ingest import read_parquet, write_parquet
 from preprocessing.parsing import load_parser, parser_agreement, summarize_agreement
-from preprocessing.process import process_clip
 from preprocessing.shards import ShardWriter, assign_split, clean_partial_shards, read_index
 from preprocessing.shards import write_index as write_shard_index
 from preprocessing.video import VideoError, read_frames
@@ -151,8 +153,8 @@ def _video_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return "preprocess-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-@task(name="preprocess-video", retries=2, retry_delay_seconds=1,
-      task_run_name="preprocess {video_id}", cache_key_fn=_video_cache_key, persist_result=True)
+@task(name="preprocess-video", task_run_name="preprocess {video_id}",
+      cache_key_fn=_video_cache_key, persist_result=True)
 def preprocess_video(video_id: str, clips: list[dict[str, Any]], cfg: dict[str, Any]) -> dict:
     return process_video(clips, cfg)
 
@@ -180,6 +182,7 @@ def _ray_runner(groups: dict[str, list], cfg: dict[str, Any]):
     from flows.ray_adapter import init_ray
 
     init_ray(cfg.get("ray_address"), num_cpus=None)
+    # The failures flows.retries calls transient (the only ones process_video lets out).
     remote = ray.remote(num_cpus=1, max_retries=cfg["retries"], retry_exceptions=[OSError])(
         process_video)
     return lambda vid: remote.remote(groups[vid], cfg), ray.get
@@ -193,8 +196,8 @@ def cache_dir() -> Path:
 
 
 def _prefect_runner(groups: dict[str, list], cfg: dict[str, Any]):
-    return (lambda vid: preprocess_video.submit(vid, groups[vid], cfg),
-            lambda future: future.result())
+    task = with_retries(preprocess_video, cfg["retries"])
+    return (lambda vid: task.submit(vid, groups[vid], cfg), lambda future: future.result())
 
 
 def drop_cached(groups: dict[str, list], cfg: dict[str, Any], keep: set[str]) -> int:

@@ -1,8 +1,8 @@
 """The registered model: an MLflow pyfunc wrapping :class:`DurianPipeline` (models-from-code).
 
-Logged by ``flows/register.py`` with the weights (safetensors + config, never pickled modules)
-as the ``model`` artifact and the ``durian`` package as code. Input: a DataFrame, one row per
-request, images as base64 PNG strings:
+Logged by ``flows/register.py`` with the pipeline folder (safetensors + configs + the
+scheduler, never pickled modules) as the ``model`` artifact and the ``durian`` package as code.
+Input: a DataFrame, one row per request, images as base64 PNG strings:
 
     portrait, portrait_mask, attribute, attribute_mask   base64 PNG
     keypoints                                            JSON list of base64 PNG (one per frame)
@@ -35,12 +35,12 @@ def decode_png(data: str) -> np.ndarray:
 
 class DurianPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from durian.models.durian_model import DurianModel
-        from durian.models.profiles import make_noise_scheduler
         from durian.pipelines.pipeline_durian import DurianPipeline
 
-        model = DurianModel.from_pretrained(context.artifacts["model"]).eval()
-        self.pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
+        # MLflow has already resolved the version to a local artifact folder, and only the
+        # ``durian`` package travels with the version: no flows.model_store here.
+        self.pipe = DurianPipeline.from_pretrained(context.artifacts["model"])
+        self.pipe.model.eval()
         self.pipe.set_progress_bar_config(disable=True)
 
     # No type hints here: MLflow would read them as an input schema for list-wise inputs.

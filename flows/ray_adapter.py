@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from flows.env import ray_temp_dir
+from flows.env import local_ray_home, ray_temp_dir
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -26,13 +26,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        _temp_dir=ray_temp_dir(),
-        runtime_env=env,
-        log_to_driver=True,
-    )
+    temp_dir = ray_temp_dir()
+    with local_ray_home(temp_dir) as user_home:
+        # Ray's own processes start with the bootstrap HOME; the workers get the user's back.
+        env["env_vars"]["HOME"] = user_home
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            runtime_env=env,
+            log_to_driver=True,
+        )
 
 
 def quiet_worker_logs() -> None:

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from durian.evaluation.promotion import decide
 from flows.common import paths, read_params, run_main, write_json
 from flows.mlflow_adapter import client, start_run
+from flows.model_store import ModelNotFoundError, resolve_model
 from flows.stop import report_progress
 
 PYFUNC = Path(__file__).with_name("pyfunc_model.py")
@@ -137,9 +138,12 @@ def register_flow() -> dict[str, Any]:
     params = read_params()
     r = params.register
     p = paths()
-    for needed in (p.model / "config.json", p.metrics):
-        if not needed.exists():
-            raise FileNotFoundError(f"{needed} not found: run the train and evaluate stages first")
+    try:
+        model = resolve_model(p.model)  # a pipeline folder, or a bare model folder of old
+    except ModelNotFoundError:
+        raise FileNotFoundError(f"{p.model} holds no model: run the train stage first") from None
+    if not p.metrics.exists():
+        raise FileNotFoundError(f"{p.metrics} not found: run the evaluate stage first")
     metrics = json.loads(p.metrics.read_text())
     train_run = json.loads(p.train_info.read_text()).get("mlflow_run_id") \
         if p.train_info.exists() else None
@@ -157,7 +161,7 @@ def register_flow() -> dict[str, Any]:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC),
-            artifacts={"model": str(p.model)},
+            artifacts={"model": str(model)},
             code_paths=[str(DURIAN_PACKAGE)],
             input_example=input_example(params.model.resolution),
             pip_requirements=requirements(),

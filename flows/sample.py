@@ -15,15 +15,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-import preprocessing.sample as sample_lib
+import preprocessing.labels as labels_lib
+import preprocessing.video as video_lib
+import synthetic
 from flows.common import paths, read_params, run_main
 from flows.stop import report_progress
 from preprocessing.incremental import STATE_FILE, fingerprint, read_state, write_state
-from preprocessing.sample import generate_sample, sample_files, sample_videos
+from synthetic.sample import generate_sample, sample_files, sample_videos
 
-# The code that shapes the files (as dvc.yaml's deps of the stage).
-CODE = [sample_lib.__file__,
-        *sorted(str(p) for p in (Path(sample_lib.__file__).parent / "synthetic").glob("*.py"))]
+# The code that shapes the files (as dvc.yaml's deps of the stage): the synthetic package (the
+# sample itself included), the label schema of its label maps and the video writer.
+CODE = [*sorted(str(p) for p in Path(synthetic.__file__).parent.glob("*.py")),
+        labels_lib.__file__, video_lib.__file__]
 
 
 def sample_fingerprint(settings: dict[str, Any]) -> str:

@@ -8,11 +8,17 @@ learning rate, samples/s and preview grids to MLflow; the other ranks log nothin
 ``keep_checkpoints`` kept; the final weights (EMA when on) are saved with ``save_pretrained`` to
 ``models/durian/``.
 
+Settings. The workers get the validated ``model``, ``pair`` and ``train`` sections as they are
+(:func:`worker_config`: a :class:`durian.training.config.Recipe`, weight folders made absolute)
+and build their trainer with ``Trainer.from_config``; the exported model folder records the
+recipe's config hash (``training_recipe.json``), as ``benchmarks/learns_transfer.py``'s do.
+
 Resume rule. With ``train.resume: true`` (default) the Ray run name is
 ``train-s<stage>-<hash>``, the hash covering everything that defines the run's trajectory: the
-``model`` section, the ``train`` keys except bookkeeping ones (:data:`NOT_IN_RUN_NAME`), the
-training shards (names and sizes), and a content fingerprint of the mask bank and of the
-weights the run starts from (``train.init_from``, ``model.pretrained`` …; :func:`fingerprint`).
+``model`` and ``pair`` sections, the ``train`` keys except bookkeeping ones
+(:data:`NOT_IN_RUN_NAME`), the training shards (names and sizes), and a content fingerprint of
+the mask bank and of the weights the run starts from (``train.init_from``,
+``model.pretrained`` …; :func:`fingerprint`).
 Ray Train V2 restores a run from the latest checkpoint found under the same ``storage_path`` +
 ``name``, so rerunning the flow with the same params after a driver crash (or a killed
 ``dvc repro``) continues at the saved step; a run that had finished is not trained again (its
@@ -38,10 +44,11 @@ from typing import Any
 import mlflow
 from prefect import flow, get_run_logger
 
-from durian.config import Params
+from durian.training.config import Recipe
 from flows.common import paths, read_params, run_main, write_json
 from flows.mask_bank import mask_bank_path
 from flows.mlflow_adapter import start_run
+from flows.params import Params
 from flows.ray_adapter import (
     SNAPSHOT,
     init_ray,
@@ -78,7 +85,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    trainer = Trainer.from_config(config, rank=rank, world_size=world, device=device)
+    recipe = config["recipe"]
+    trainer = Trainer.from_config(
+        recipe, config["shards"], config["mask_bank"], rank=rank, world_size=world, device=device
+    )
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -95,7 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     )
     logger = _RankZeroLogger(config, trainer) if rank == 0 else None
-    every = config["checkpoint_every"]
+    every = recipe.train.checkpoint_every
     t0, seen, timed_from = time.perf_counter(), 0, None
     for stats in trainer.steps():
         step = stats["step"]
@@ -135,11 +145,12 @@ class _RankZeroLogger:
         uri = config.get("mlflow_tracking_uri")
         self.client = MlflowClient(tracking_uri=uri) if self.run_id else None
         self.trainer = trainer
-        self.log_every = config["log_every"]
-        self.preview_every = config.get("preview_every", 0)
+        train = config["recipe"].train
+        self.log_every = train.log_every
+        self.preview_every = train.preview_every
         self.preview_batch = None
         if self.client is not None and self.preview_every:
-            self.preview_batch = trainer.preview_batch(config["batch_size"])
+            self.preview_batch = trainer.preview_batch(train.batch_size)
 
     def step(self, stats: dict[str, Any], rate: float) -> None:
         if self.client is None:
@@ -166,44 +177,27 @@ def _abs(path: str | None, root: Path) -> str | None:
     return str(p if p.is_absolute() else (root / p).resolve())
 
 
+WEIGHT_PATHS = ("pretrained", "image_encoder", "motion_module")
+
+
+def resolved_recipe(params: Params) -> Recipe:
+    """The run's recipe: the ``model``, ``pair`` and ``train`` sections as validated, with the
+    weight folders made absolute (Ray workers need not share the driver's directory)."""
+    root = paths().root
+    folders = {key: _abs(getattr(params.model, key), root) for key in WEIGHT_PATHS}
+    return params.recipe(**folders, init_from=_abs(params.train.init_from, root))
+
+
 def worker_config(
     params: Params, shards: list[str], run_id: str | None, mask_bank: Path | None = None
 ) -> dict[str, Any]:
+    """What every Ray worker gets: the recipe as validated objects (they pickle; the ``train``
+    section still carries the checkpoint and logging cadence), plus this run's own values."""
     root = paths().root
-    t = params.train
-    model = params.model.model_dump()
-    for key in ("pretrained", "image_encoder", "motion_module"):
-        model[key] = _abs(model[key], root)
     return {
-        "model": model,
+        "recipe": resolved_recipe(params),
         "shards": [_abs(s, root) for s in shards],
         "mask_bank": str(mask_bank) if mask_bank is not None else None,
-        "init_from": _abs(t.init_from, root),
-        "stage": t.stage,
-        "steps": t.steps,
-        "lr": t.lr,
-        "lr_scheduler": t.lr_scheduler,
-        "lr_warmup_steps": t.lr_warmup_steps,
-        "batch_size": t.batch_size,
-        "frames": t.frames,
-        "frame_stride": t.frame_stride,
-        "min_gap": t.min_gap,
-        "grad_accum": t.grad_accum,
-        "seed": t.seed,
-        "mixed_precision": t.mixed_precision,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "loader_workers": t.loader_workers,
-        "max_grad_norm": t.max_grad_norm,
-        "noise_offset": t.noise_offset,
-        "timestep_bias": t.timestep_bias,
-        "timestep_bias_multiplier": t.timestep_bias_multiplier,
-        "timestep_bias_portion": t.timestep_bias_portion,
-        "ema": t.ema,
-        "ema_decay": t.ema_decay,
-        "resume_data": t.resume_data,
-        "log_every": t.log_every,
-        "checkpoint_every": t.checkpoint_every,
-        "preview_every": t.preview_every,
         "mlflow_run_id": run_id,
         # Explicit: a Ray started by an earlier flow in this process keeps that flow's env.
         "mlflow_tracking_uri": mlflow.get_tracking_uri() if run_id else None,
@@ -244,6 +238,7 @@ def run_name(
     model = params.model.model_dump()
     identity = {
         "model": model,
+        "pair": params.pair.model_dump(mode="json"),
         "train": train,
         "shards": [(Path(s).name, Path(s).stat().st_size) for s in shards],
         "mask_bank": fingerprint(mask_bank),
@@ -251,7 +246,7 @@ def run_name(
             key: fingerprint(value, root)
             for key, value in {
                 "init_from": params.train.init_from,
-                **{k: model[k] for k in ("pretrained", "image_encoder", "motion_module")},
+                **{k: model[k] for k in WEIGHT_PATHS},
             }.items()
             if value
         },
@@ -373,9 +368,9 @@ def with_finetune_start(params: Params) -> Params:
     state DVC does not track: a new champion changes what this stage starts from."""
     if params.train.retrain != "finetune" or params.train.init_from:
         return params
-    from flows.versioning import champion_model_dir
+    from flows.model_store import finetune_start
 
-    model = champion_model_dir(params.register.model_name, paths().root / ".durian" / "champion")
+    model = finetune_start(params.register.model_name, paths().root / ".durian" / "champion")
     if model is None:
         get_run_logger().info("retrain finetune: no @champion yet, training from scratch")
         return params
@@ -399,14 +394,16 @@ def train_flow() -> dict[str, Any]:
     bank = bank if bank.exists() else None
     if bank is None:
         log.warning("train: no %s; mask expansion is random dilation only", mask_bank_path())
+    recipe = resolved_recipe(params)
     with start_run("train", tags={"stage": "train"}) as run:
         name = run_name(params, shards, bank, run.info.run_id)
-        mlflow.set_tags({"ray_run_name": name, "mask_bank": str(bank or "")})
+        mlflow.set_tags({"ray_run_name": name, "mask_bank": str(bank or ""),
+                         "config_hash": recipe.config_hash()})  # fmt: skip
         mlflow.log_params(
-            {f"train.{k}": v for k, v in params.train.model_dump().items()}
-            | {f"model.{k}": v for k, v in params.model.model_dump().items()}
+            {f"{section}.{k}": v for section in ("train", "model", "pair")
+             for k, v in getattr(params, section).model_dump().items()}
             | {"num_shards": len(shards)}
-        )
+        )  # fmt: skip
         prior = latest_reported_step(p.checkpoints / name)
         report_progress(checkpoint_progress(p.checkpoints / name, params.train.steps))
         t0 = time.perf_counter()
@@ -417,16 +414,7 @@ def train_flow() -> dict[str, Any]:
         if result.checkpoint is None:
             raise RuntimeError("training produced no checkpoint")
         with result.checkpoint.as_directory() as directory:
-            info = publish_model(
-                lambda out: export_checkpoint(
-                    directory,
-                    params.model.model_dump(),
-                    out,
-                    use_ema=params.train.ema,
-                    init_from=_abs(params.train.init_from, p.root),
-                ),
-                p.model,
-            )
+            info = publish_model(lambda out: export_checkpoint(directory, recipe, out), p.model)
         report_progress(f"{checkpoint_progress(p.checkpoints / name, params.train.steps)}, "
                         f"exported to {p.model}")
         metrics = dict(result.metrics or {})
@@ -446,6 +434,7 @@ def train_flow() -> dict[str, Any]:
             "checkpoint": str(result.checkpoint.path),
             "model_dir": str(p.model),
             "ema": bool(info.get("exported_ema", False)),
+            "config_hash": recipe.config_hash(),
         }
         write_json(p.train_info, summary)
         report_progress(f"training done, model in {p.model}, summary in {p.train_info}")

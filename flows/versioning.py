@@ -1,5 +1,6 @@
 """Dataset versioning and run provenance: DVC when the project is a DVC repo, a content hash of
-the shard index otherwise; the git revision; the registered @champion for fine-tuning.
+the shard index otherwise; the git revision. Below :mod:`flows.mlflow_adapter`, which tags its runs
+with :func:`provenance_tags` (so nothing here imports it).
 
 Only :mod:`flows.pipeline` (the served flow) calls ``dvc``: under ``dvc repro`` DVC itself
 records the outputs, and a stage calling ``dvc commit`` inside a repro would fight over DVC's
@@ -102,49 +103,11 @@ def record_version(stages: list[str], push: bool = True, root: Path | None = Non
 def provenance_tags(root: Path | None = None) -> dict[str, str]:
     """Tags for an MLflow run: the git revision and the dataset version it saw.
 
-    Meant for ``flows.mlflow_adapter.start_run`` too, so that runs under ``dvc repro`` carry
-    them (the served pipeline also sets them on its train/evaluate runs afterwards)."""
+    ``flows.mlflow_adapter.start_run`` sets them on every run, so that runs under ``dvc repro``
+    carry them (the served pipeline also sets them on its train/evaluate runs afterwards)."""
     root = root or project_dir()
     tags = {"git_revision": git_revision(root) or "", "dataset_hash": dataset_hash(root) or ""}
     md5 = dvc_out_md5(root, "preprocess", "data/shards")
     if md5:
         tags["dataset_dvc_md5"] = md5
     return tags
-
-
-def tag_runs(run_ids: list[str], tags: dict[str, str]) -> None:
-    from flows.mlflow_adapter import client
-
-    c = client()
-    for run_id in run_ids:
-        for key, value in tags.items():
-            c.set_tag(run_id, key, value)
-
-
-def champion_model_dir(model_name: str, dest: Path) -> Path | None:
-    """The ``save_pretrained`` folder of the version aliased ``@champion``, downloaded into
-    ``dest``; None when there is no champion yet (the first run trains from scratch)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from flows.mlflow_adapter import client
-
-    try:
-        version = client().get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None
-    target = dest / f"v{version.version}"
-    if not target.exists():
-        tmp = dest / f".v{version.version}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}",
-                                            dst_path=str(tmp))
-        tmp.rename(target)
-    # The pyfunc keeps the DurianModel folder as its ``model`` artifact; MLmodel says where.
-    flavor = (yaml.safe_load((target / "MLmodel").read_text()) or {}).get("flavors", {})
-    artifact = flavor.get("python_function", {}).get("artifacts", {}).get("model", {})
-    folder = target / artifact.get("path", "")
-    if not artifact or not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{model_name} v{version.version} has no 'model' artifact "
-                                f"holding a save_pretrained folder (looked in {folder})")
-    return folder

@@ -19,7 +19,12 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from preprocessing.mp_models import model_path
+from preprocessing.mp_models import (
+    close_model,
+    create_model,
+    inference_logs_silenced,
+    model_path,
+)
 
 NUM_LANDMARKS = 478
 REJECT_REASONS = ("no_face", "multiple_faces", "face_too_small")
@@ -90,7 +95,7 @@ class FaceAnalyzer:
 
     def close(self) -> None:
         if self._detector is not None and os.getpid() == self._pid:
-            self._detector.close()
+            close_model(self._detector)
         self._detector = None
         self._closed = True
 
@@ -109,17 +114,18 @@ class FaceAnalyzer:
 
         self._check_process()
         if self._detector is None:
-            self._detector = vision.FaceDetector.create_from_options(
-                vision.FaceDetectorOptions(
-                    base_options=BaseOptions(model_asset_path=self.detector_model),
-                    min_detection_confidence=self.min_detection_confidence,
-                )
+            options = vision.FaceDetectorOptions(
+                base_options=BaseOptions(model_asset_path=self.detector_model),
+                min_detection_confidence=self.min_detection_confidence,
             )
+            self._detector = create_model(lambda: vision.FaceDetector.create_from_options(options))
         h, w = frame.shape[:2]
         found = []
         for x, y, side_w, side_h in _tiles(h, w):
             tile = np.ascontiguousarray(frame[y : y + side_h, x : x + side_w])
-            result = self._detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=tile))
+            image = mp.Image(image_format=mp.ImageFormat.SRGB, data=tile)
+            with inference_logs_silenced():
+                result = self._detector.detect(image)
             for det in result.detections:
                 b = det.bounding_box
                 found.append(
@@ -139,7 +145,7 @@ class FaceAnalyzer:
             min_face_presence_confidence=self.min_presence_confidence,
             min_tracking_confidence=self.min_presence_confidence,
         )
-        return vision.FaceLandmarker.create_from_options(options)
+        return create_model(lambda: vision.FaceLandmarker.create_from_options(options))
 
     def landmarks(self, frames: np.ndarray, fps: float) -> list[np.ndarray]:
         """Per frame an (n_faces, 478, 3) float32 array (n_faces may be 0), frame pixels."""
@@ -159,15 +165,19 @@ class FaceAnalyzer:
             px = int(np.clip(round(side), 128, 512))
             crops = crop_frames(frames, np.repeat(roi[None], t, 0), px, border="constant")
             scale = side / px
-            with self._landmarker() as landmarker:
+            landmarker = self._landmarker()
+            try:
                 for i, crop in enumerate(crops):
                     image = mp.Image(image_format=mp.ImageFormat.SRGB, data=crop)
-                    result = landmarker.detect_for_video(image, int(round(i * step_ms)))
+                    with inference_logs_silenced():
+                        result = landmarker.detect_for_video(image, int(round(i * step_ms)))
                     for face in result.face_landmarks:
                         xyz = np.array([(p.x, p.y, p.z) for p in face], np.float64) * px
                         xyz[:, :2] = xyz[:, :2] * scale + roi[:2]
                         xyz[:, 2] *= scale
                         found[i].append(xyz.astype(np.float32))
+            finally:
+                close_model(landmarker)
         return [_dedupe(faces) for faces in found]
 
 
@@ -197,11 +207,13 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _nms(boxes: np.ndarray, iou: float) -> np.ndarray:
-    keep: list[int] = []
-    for i in np.argsort(-boxes[:, 4]):
-        if not keep or _box_iou(boxes[i], boxes[keep]).max() <= iou:
-            keep.append(int(i))
-    return boxes[keep]
+    """Boxes (n, 5) x0, y0, x1, y1, score kept by non-maximum suppression, best first."""
+    if not len(boxes):
+        return boxes
+    xywh = [(float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])) for b in boxes]
+    # Score threshold 0: the detector already dropped what is under its confidence.
+    keep = cv2.dnn.NMSBoxes(xywh, boxes[:, 4].tolist(), 0.0, iou)
+    return boxes[np.asarray(keep, int).reshape(-1)]
 
 
 def _face_regions(per_keyframe: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:

@@ -52,7 +52,6 @@ import re
 import socket
 import stat
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -370,6 +369,21 @@ class DownloadError(Exception):
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(f"{reason}: {message}" if message else reason)
         self.reason = reason
+        self.message = message
+
+    def __reduce__(self):  # pickled (Prefect results, Ray) with its reason intact
+        return (DownloadError, (self.reason, self.message))
+
+    @property
+    def transient(self) -> bool:
+        """Worth another try later: a timeout, a dropped connection or a 5xx. A 4xx, an
+        oversize body or a refused redirect will fail the same way again."""
+        return self.reason in ("timeout", "error") or self.reason.startswith("http_5")
+
+    @property
+    def item_reason(self) -> str:
+        """The ``reason`` of the item's failed ``videos`` row."""
+        return f"download_{self.reason}"
 
 
 def url_filename(url: str) -> str:
@@ -385,8 +399,6 @@ def download(
     dest_dir: str | os.PathLike,
     timeout_s: float = 30.0,
     max_bytes: int = 2 << 30,
-    retries: int = 2,
-    backoff_s: float = 0.5,
     total_timeout_s: float | None = None,
 ) -> Path:
     """Fetch ``url`` into ``dest_dir/<url_filename(url)>`` atomically; return that path.
@@ -396,8 +408,8 @@ def download(
     connection).
     Bodies over ``max_bytes`` are refused from Content-Length, and cut off while streaming when
     the header is missing or lies (an endless body). Redirects are followed to http(s) only.
-    Timeouts, connection errors and 5xx are retried ``retries`` times with exponential
-    backoff; 4xx, oversize and redirect failures are not. An existing file is reused.
+    One attempt: retrying is the caller's (the ingest flow's Prefect task retries what
+    :attr:`DownloadError.transient` says may pass). An existing file is reused.
     Raises :class:`DownloadError` with reason ``timeout``, ``too_slow``, ``too_large``,
     ``http_<code>``, ``redirect_refused``, ``redirect_loop``, ``bad_url`` or ``error``.
     """
@@ -410,25 +422,9 @@ def download(
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / name
-    if dest.is_file():
-        return dest
-    last: DownloadError | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-        try:
-            _fetch(url, dest, timeout_s, max_bytes, total_timeout_s)
-            return dest
-        except DownloadError as e:
-            last = e
-            if not _retryable(e.reason):
-                break
-    assert last is not None
-    raise last
-
-
-def _retryable(reason: str) -> bool:
-    return reason in ("timeout", "error") or reason.startswith("http_5")
+    if not dest.is_file():
+        _fetch(url, dest, timeout_s, max_bytes, total_timeout_s)
+    return dest
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
@@ -658,7 +654,6 @@ def ingest(
     download_dir: str | os.PathLike | None = None,
     timeout_s: float = 30.0,
     max_bytes: int = 2 << 30,
-    retries: int = 2,
     verify: bool = True,
     max_file_bytes: int | None = None,
     probe_timeout_s: float | None = None,
@@ -669,7 +664,7 @@ def ingest(
 
     One row per item, in order, whatever happens (see the module note for statuses); the run
     never stops on a bad item. URLs are fetched into ``download_dir`` first (``timeout_s``,
-    ``total_timeout_s``, ``max_bytes``, ``retries``: see :func:`download`). A local file is
+    ``total_timeout_s``, ``max_bytes``: see :func:`download`; one attempt each). A local file is
     checked before it is opened (:func:`resolve_local`: ``max_file_bytes``, ``allowed_roots``,
     resolved folders; ``None``/empty: no limit); hashing and probing each take at most
     ``probe_timeout_s``.
@@ -685,8 +680,7 @@ def ingest(
         try:
             local = _local_file(
                 item, download_dir, max_file_bytes, allowed_roots,
-                dict(timeout_s=timeout_s, max_bytes=max_bytes, retries=retries,
-                     total_timeout_s=total_timeout_s),
+                dict(timeout_s=timeout_s, max_bytes=max_bytes, total_timeout_s=total_timeout_s),
             )  # fmt: skip
         except ItemError as e:
             videos.append(failed_row(item, e.reason, e.path))
@@ -737,7 +731,7 @@ def _local_file(
         try:
             fetched = download(item, download_dir, **download_args)
         except DownloadError as e:
-            raise ItemError(f"download_{e.reason}") from None
+            raise ItemError(e.item_reason) from None
         # Our own download folder: the roots do not apply, the download cap does.
         return resolve_local(str(fetched), download_args["max_bytes"])
     return resolve_local(local_path(item), max_file_bytes, allowed_roots)

@@ -16,14 +16,19 @@ Install step (run once per machine / CI cache)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 FETCH_COMMAND = "python -m preprocessing.mp_models fetch"
 
@@ -124,6 +129,99 @@ def model_path(name: str, directory: str | os.PathLike | None = None) -> Path:
             f"mediapipe model {path} has the wrong sha256; delete it and run `{FETCH_COMMAND}`"
         )
     return path
+
+
+# --- native logging -------------------------------------------------------------------------
+# mediapipe's C++ (absl: ``W0000 00:00:… file.cc:123] …``) and LiteRT (``INFO: [file.cc:36] …``,
+# ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.``) write to fd 2 when a model is
+# created and closed, and once per process on the first inference whose input tensor LiteRT
+# finds misaligned (which call that is varies from run to run). Measured with mediapipe 1.2.3:
+# neither GLOG_minloglevel, TF_CPP_MIN_LOG_LEVEL nor GOOGLE_STDERRTHRESHOLD (set before the
+# import) silences a line of it, and its Python API has no switch; so for those moments fd 2
+# goes to a file, and what was written there then goes on to fd 2 without the native info and
+# warning lines (native errors, and what Python wrote meanwhile in another thread, pass).
+NATIVE_NOISE = re.compile(
+    rb"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+\] .*"
+    rb"|INFO: (?:\[\S+:\d+\] |Created TensorFlow Lite ).*"
+    rb"|WARNING: Logging before InitGoogle\(\) is written to STDERR)$"
+)
+_ONCE_PER_PROCESS = b"inference_runner_litert.cc"  # the misaligned-input warning's source
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quiet_state: tuple[int, Any] | None = None  # (the real fd 2, the file it is sent to)
+_inference_warned = False  # the once-per-process inference warning has come (and gone)
+
+T = TypeVar("T")
+
+
+def _forward(saved_fd: int, sink: Any) -> None:
+    global _inference_warned
+    sink.seek(0)
+    kept = []
+    for line in sink:
+        if NATIVE_NOISE.match(line.rstrip(b"\r\n")):
+            _inference_warned = _inference_warned or _ONCE_PER_PROCESS in line
+        else:
+            kept.append(line)
+    if kept:
+        os.write(saved_fd, b"".join(kept))
+
+
+@contextlib.contextmanager
+def native_logs_silenced() -> Iterator[None]:
+    """While inside, mediapipe's native info and warning lines never reach fd 2 (see above).
+    Reentrant and shared by threads: fd 2 is back once the last one leaves."""
+    global _quiet_users, _quiet_state
+    with _quiet_lock:
+        if _quiet_users == 0:
+            try:
+                os.fstat(2)
+            except OSError:  # no fd 2: nothing to keep clean
+                _quiet_state = None
+            else:
+                for stream in (sys.stdout, sys.stderr):
+                    if stream is not None:
+                        stream.flush()
+                sink = tempfile.TemporaryFile()
+                saved = os.dup(2)
+                os.dup2(sink.fileno(), 2)
+                _quiet_state = (saved, sink)
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0 and _quiet_state is not None:
+                saved, sink = _quiet_state
+                _quiet_state = None
+                if sys.stderr is not None:
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                try:
+                    _forward(saved, sink)
+                finally:
+                    os.close(saved)
+                    sink.close()
+
+
+def create_model(factory: Callable[[], T]) -> T:
+    """``factory()`` (a mediapipe task's ``create_from_options``) with its native start-up lines
+    silenced. Every mediapipe model of the project is made here."""
+    with native_logs_silenced():
+        return factory()
+
+
+def inference_logs_silenced() -> contextlib.AbstractContextManager:
+    """Around each inference call: silenced until LiteRT's once-per-process warning has been
+    dropped, then nothing (no fd juggling in the steady state)."""
+    return contextlib.nullcontext() if _inference_warned else native_logs_silenced()
+
+
+def close_model(model: Any) -> None:
+    """``model.close()``, whose native teardown lines are silenced too."""
+    with native_logs_silenced():
+        model.close()
 
 
 def check(dest: str | os.PathLike | None = None) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Face parsing: label maps (T, H, W) uint8 in the label schema of ``durian.data.attributes``.
+"""Face parsing: label maps (T, H, W) uint8 in the label schema of ``preprocessing.labels``.
 
 Two parsers plug in behind one protocol:
   * ``landmarks`` (default, works offline): polygons from the 478 mediapipe landmarks for the
@@ -23,8 +23,14 @@ from typing import Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from durian.data.attributes import CLASS, LABELS
-from preprocessing.mp_models import MODELS, model_path
+from preprocessing.labels import CLASS, LABELS
+from preprocessing.mp_models import (
+    MODELS,
+    close_model,
+    create_model,
+    inference_logs_silenced,
+    model_path,
+)
 
 CELEBAMASK_CLASSES: list[str] = list(LABELS[:19])
 
@@ -140,7 +146,7 @@ class LandmarkParser:
 
     def close(self) -> None:
         if self._segmenter is not None:
-            self._segmenter.close()
+            close_model(self._segmenter)
             self._segmenter = None
 
     def __enter__(self) -> LandmarkParser:
@@ -155,15 +161,17 @@ class LandmarkParser:
         from mediapipe.tasks.python import BaseOptions, vision
 
         if self._segmenter is None or self._pid != os.getpid():
-            self._segmenter = vision.ImageSegmenter.create_from_options(
-                vision.ImageSegmenterOptions(
-                    base_options=BaseOptions(model_asset_path=self.model),
-                    output_confidence_masks=True,
-                )
+            options = vision.ImageSegmenterOptions(
+                base_options=BaseOptions(model_asset_path=self.model),
+                output_confidence_masks=True,
+            )
+            self._segmenter = create_model(
+                lambda: vision.ImageSegmenter.create_from_options(options)
             )
             self._pid = os.getpid()
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(frame))
-        result = self._segmenter.segment(image)
+        with inference_logs_silenced():
+            result = self._segmenter.segment(image)
         return np.array(result.confidence_masks[0].numpy_view()).reshape(frame.shape[:2])
 
     def parse(self, frames: np.ndarray, landmarks: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The tracked project files a pipeline run needs (dvc.yaml names code files as deps).
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
-PROJECT_DIRS = ("durian", "preprocessing", "flows", ".dvc")
+PROJECT_DIRS = ("durian", "preprocessing", "synthetic", "flows", ".dvc")
 
 STATE_VARS = ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_API_URL", "DURIAN_PROJECT_DIR",
               "DURIAN_PARAMS", "RAY_ADDRESS")
@@ -67,7 +67,7 @@ def write_clip_shards(
     ``vid<shard>_<clip:04d>`` (one identity per clip is up to ``make_clip``)."""
     import webdataset as wds
 
-    from durian.data.clip import encode_clip
+    from durian.data.clip_codec import encode_clip
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

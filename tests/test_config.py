@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from durian.config import ParamsError, load_params, parse_params
+from flows.params import ParamsError, load_params, parse_overrides, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,13 @@ def test_paper_params_are_valid():
         ({"shards": {"val_fraction": 1.5}}, "shards.val_fraction:"),
         ({"preprocess": {"runner": "spark"}}, "preprocess.runner:"),
         ({"ingest": {"clip_frames": 4, "min_clip_frames": 8}}, "ingest:"),
+        # The library's own configs, validated as sections of the file.
+        ({"model": {"profile": "sd15", "widths": [64, 128]}}, "model:"),
+        ({"model": {"pixel_downscale": 3}}, "model.pixel_downscale:"),
+        ({"pair": {"drop_all_prob": 0.9, "drop_identity_prob": 0.2}}, "pair:"),
+        ({"pair": {"categories": ["tiara"]}}, "pair.categories:"),
+        ({"pair": {"resolution": 32}}, "pair.resolution: the pairs are made at model.resolution"),
+        ({"train": {"timestep_bias": "middle"}}, "train.timestep_bias:"),
     ],
 )
 def test_bad_params_fail_with_the_key_named_on_one_line(data, key):
@@ -55,3 +62,23 @@ def test_partial_file_gets_defaults(tmp_path):
     params = load_params(f)
     assert params.train.steps == 7
     assert params.sample.seed == 0
+
+
+def test_params_yaml_lists_every_knob_of_the_library_sections():
+    """params.yaml documents every field of model, pair and train (with its comment there)."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_params(ROOT / "params.yaml")
+    for section in ("model", "pair", "train"):
+        fields = set(type(getattr(params, section)).model_fields)
+        if section == "pair":
+            fields.discard("resolution")  # the model's (see Params)
+        assert set(data[section]) == fields, section
+
+
+def test_overrides_are_laid_over_the_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"train": {"steps": 7, "lr": 0.01}}))
+    params = load_params(f, parse_overrides(["train.steps=3", "model.widths=[64, 128]"]))
+    assert (params.train.steps, params.train.lr, params.model.widths) == (3, 0.01, (64, 128))
+    with pytest.raises(ParamsError, match="section.key=value"):
+        parse_overrides(["steps=3"])

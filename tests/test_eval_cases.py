@@ -1,9 +1,9 @@
 import numpy as np
 
-from durian.data.clip import Clip
+from durian.data.clip_codec import Clip
 from durian.evaluation.cases import case_metrics, self_transfer_case
-from preprocessing.synthetic import random_attributes, random_identity, random_motion, render_video
-from preprocessing.synthetic.eval_cases import cross_identity_cases
+from flows.eval_cases import cross_identity_cases
+from synthetic import random_attributes, random_identity, random_motion, render_video
 
 
 def _clip(seed: int = 0, frames: int = 8) -> Clip:

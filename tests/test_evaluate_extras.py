@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from metric_models import write_metric_weights
 
-from durian.config import EvaluateParams
-from durian.data.clip import Clip
+from durian.data.clip_codec import Clip
 from durian.evaluation.cases import self_transfer_case
 from flows.evaluate import (
     SetFeatures,
@@ -21,7 +20,8 @@ from flows.evaluate import (
     set_metrics,
     skip_reasons,
 )
-from preprocessing.synthetic import random_attributes, random_identity, random_motion, render_video
+from flows.params import EvaluateParams
+from synthetic import random_attributes, random_identity, random_motion, render_video
 
 
 def _case(seed: int = 0):

@@ -71,8 +71,8 @@ def test_every_stage_leaves_its_artefacts(pipeline_run):
         by_video.setdefault(r["video_id"], set()).add(r["split"])
     assert all(len(splits) == 1 for splits in by_video.values())  # split by identity
 
-    assert (project / "models/durian/config.json").exists()
-    assert list((project / "models/durian").glob("*.safetensors"))
+    assert (project / "models/durian/model_index.json").exists()
+    assert list((project / "models/durian/model").glob("*.safetensors"))
     train = json.loads((project / "models/train.json").read_text())
     assert train["steps"] == PARAMS["train"]["steps"]
 
@@ -89,8 +89,8 @@ def test_every_stage_leaves_its_artefacts(pipeline_run):
 def test_shard_samples_read_back_with_every_key_and_the_label_schema(pipeline_run):
     import webdataset as wds
 
-    from durian.data.attributes import NUM_CLASSES
-    from durian.data.clip import decode_clip
+    from durian.data.clip_codec import decode_clip
+    from preprocessing.labels import NUM_CLASSES
 
     project, _ = pipeline_run
     index = {r["key"]: r for r in pq.read_table(project / "data/shards/index.parquet").to_pylist()}
@@ -185,4 +185,4 @@ def test_push_then_pull_into_a_second_clone_restores_the_data(pipeline_run, tmp_
     dvc(clone, "pull")
     original = sorted(p.name for p in (project / "data/shards").glob("*.tar"))
     assert sorted(p.name for p in (clone / "data/shards").glob("*.tar")) == original
-    assert (clone / "models/durian/config.json").exists()
+    assert (clone / "models/durian/model_index.json").exists()

@@ -11,12 +11,14 @@ import pytest
 from mlflow import MlflowClient
 
 from durian.models.profiles import build_model
+from durian.pipelines.pipeline_durian import save_durian_pipeline
 
 
 def _prepare(project, metrics: dict[str, float]) -> None:
     model_dir = project / "models" / "durian"
     if not model_dir.exists():
-        build_model("tiny", resolution=64).save_pretrained(str(model_dir))
+        # a pipeline folder, as training exports it (bare model folders: test_inference_cli)
+        save_durian_pipeline(build_model("tiny", resolution=64), model_dir)
     (project / "metrics.json").write_text(json.dumps(metrics))
 
 

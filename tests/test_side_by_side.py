@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from durian.data.clip import Clip
+from durian.data.clip_codec import Clip
 from durian.evaluation.cases import self_transfer_case
 from durian.evaluation.side_by_side import preview_row, side_by_side_frames
-from preprocessing.synthetic import random_attributes, random_identity, random_motion, render_video
 from preprocessing.video import read_frames, write_video
+from synthetic import random_attributes, random_identity, random_motion, render_video
 
 
 def _case(frames: int = 4):

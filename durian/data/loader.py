@@ -1,18 +1,19 @@
 """Training examples streamed from WebDataset shards.
 
 Each rank (Ray Train worker / torch.distributed process) and each DataLoader worker reads its
-own disjoint share of the data: whole shards when there are at least as many shards as readers,
-otherwise every reader walks all shards and keeps every ``n``-th sample (so a one-shard sample
-pipeline still trains on two workers without duplicates). Epochs repeat forever by default
-(resampling across epochs, shard order and a sample buffer reshuffled per epoch), so ranks never
-run dry at different steps. Everything random derives from ``seed``: same seed, same batches.
+own disjoint share of the data (WebDataset's node and worker splitters): whole shards when there
+are at least as many shards as readers, otherwise every reader walks all shards and keeps every
+``n``-th sample (so a one-shard sample pipeline still trains on two workers without
+duplicates). Epochs repeat forever by default (resampling across epochs, shard order and a
+sample buffer reshuffled per epoch), so ranks never run dry at different steps. Everything
+random derives from ``seed``: same seed, same batches.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from itertools import count
+from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ import cv2
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
-from durian.data.clip import decode_clip
+from durian.data.clip_codec import decode_clip
 from durian.data.masks import BankExpander, MaskBank, MaskExpander
 from durian.data.pairs import NoAttributeError, PairConfig, collate_examples, make_example, to_torch
 
@@ -102,27 +103,28 @@ class ShardExamples(IterableDataset):
 
     def _reader(self) -> tuple[int, int]:
         """(slot, slots): this reader's index among all ranks × dataloader workers."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The worker as WebDataset's split_by_worker sees it, so slot and split agree.
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
         return self.rank * workers + worker, self.world_size * workers
+
+    def _split_by_rank(self, src: Iterator[Any]) -> Iterator[Any]:
+        """WebDataset's node splitter with this dataset's rank (which may be given explicitly,
+        where ``wds.split_by_node`` reads torch.distributed's)."""
+        return islice(src, self.rank, None, self.world_size)
 
     def raw_samples(self, epoch: int) -> Iterator[dict[str, Any]]:
         """This reader's raw (undecoded) shard samples for ``epoch``, in shuffled order."""
         slot, slots = self._reader()
-        by_shard = len(self.shards) >= slots
-        if by_shard:
-            mine = self.shards[slot::slots]
-            order_rng = np.random.default_rng([self.seed, epoch, slot])
-        else:
-            # All readers walk the same shard order, so sample-index striding stays disjoint.
-            mine = list(self.shards)
-            order_rng = np.random.default_rng([self.seed, epoch])
-        mine = [mine[int(i)] for i in order_rng.permutation(len(mine))]
-        samples = wds.tarfile_samples([{"url": url} for url in mine])
-        if not by_shard:
-            samples = (s for i, s in enumerate(samples) if i % slots == slot)
+        # One shard order per epoch, the same on every reader, so the splits stay disjoint.
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        urls = wds.SimpleShardList([self.shards[int(i)] for i in order])
+        read = wds.tarfile_to_samples()
+        if len(self.shards) >= slots:  # whole shards per reader
+            stages = [urls, self._split_by_rank, wds.split_by_worker, read]
+        else:  # every reader walks all shards and keeps every slots-th sample
+            stages = [urls, read, self._split_by_rank, wds.split_by_worker]
         rng = np.random.default_rng([self.seed, epoch, slot, 1])
-        return _buffer_shuffle(iter(samples), self.shuffle_buffer, rng)
+        return _buffer_shuffle(iter(wds.DataPipeline(*stages)), self.shuffle_buffer, rng)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, _ = self._reader()

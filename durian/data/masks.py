@@ -19,9 +19,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
+from skimage.transform import SimilarityTransform
 
-from durian.data.attributes import ATTRIBUTE_CLASSES, CATEGORIES, check_category
-from durian.data.clip import Clip
+from preprocessing.labels import ATTRIBUTE_CLASSES, CATEGORIES, check_category
+from durian.data.clip_codec import Clip
 
 # Landmarks that move rigidly with the head (eye corners, brow ends, nose bridge/tip, mouth
 # corners, chin, forehead, cheeks) — a similarity fitted on them is not thrown off by blinks or
@@ -101,27 +102,16 @@ def similarity_from_landmarks(
     src: np.ndarray, dst: np.ndarray, indices: Sequence[int] | None = STABLE_LANDMARKS
 ) -> np.ndarray:
     """2×3 least-squares similarity (rotation, uniform scale, translation) taking ``src`` to
-    ``dst`` landmarks (Umeyama). Deterministic, unlike OpenCV's RANSAC estimators."""
+    ``dst`` landmarks (Umeyama, via scikit-image). Deterministic, unlike OpenCV's RANSAC
+    estimators."""
     s = np.asarray(src, dtype=np.float64)[:, :2]
     d = np.asarray(dst, dtype=np.float64)[:, :2]
     if indices is not None and len(s) > max(indices):
         s, d = s[list(indices)], d[list(indices)]
-    mu_s, mu_d = s.mean(0), d.mean(0)
-    sc, dc = s - mu_s, d - mu_d
-    var_s = (sc**2).sum() / len(s)
-    if var_s <= 1e-12:
-        raise ValueError("degenerate source landmarks: all points coincide")
-    cov = dc.T @ sc / len(s)
-    u, sig, vt = np.linalg.svd(cov)
-    sign = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1, 1] = -1  # a reflection is not a similarity
-    rot = u @ sign @ vt
-    scale = np.trace(np.diag(sig) @ sign) / var_s
-    matrix = np.zeros((2, 3))
-    matrix[:, :2] = scale * rot
-    matrix[:, 2] = mu_d - scale * rot @ mu_s
-    return matrix
+    fit = SimilarityTransform.from_estimate(s, d)
+    if not fit:  # a FailedEstimation: all source points coincide (or are otherwise degenerate)
+        raise ValueError(f"degenerate source landmarks: {fit}")
+    return fit.params[:2].copy()
 
 
 def align_mask(

@@ -26,9 +26,8 @@ import cv2
 import numpy as np
 import torch
 
-from durian.data.attributes import ATTRIBUTE_CLASSES, CATEGORIES, check_category
-from durian.data.augment import FillMode, apply_affine, color_jitter, random_affine_params
-from durian.data.clip import Clip
+from durian.data.augment import apply_affine, color_jitter, random_affine_params
+from durian.data.clip_codec import Clip
 from durian.data.keypoints import render_keypoint_sequence
 from durian.data.masks import (
     MaskExpander,
@@ -38,6 +37,8 @@ from durian.data.masks import (
     identity_of,
     identity_reference,
 )
+from durian.data.pair_config import PairConfig
+from preprocessing.labels import ATTRIBUTE_CLASSES
 
 TENSOR_KEYS: tuple[str, ...] = (
     "target",
@@ -57,58 +58,6 @@ _MAX_WINDOW_TRIES = 4
 
 class NoAttributeError(ValueError):
     """The clip shows no usable attribute category in any admissible reference frame."""
-
-
-@dataclass
-class PairConfig:
-    """Every knob of example construction. Defaults: the tiny profile at 64 px, stage 1."""
-
-    resolution: tuple[int, int] = (64, 64)  # (H, W) of every output image
-    num_frames: int = 1  # F: 1 in stage 1, a window (e.g. 24) in stage 2
-    frame_stride: int = 1  # stride of the stage-2 window (e.g. 4)
-    min_gap: int = 30  # frames between a reference and the nearest target (clamped for short clips)
-    min_fraction: float = 0.005  # an attribute counts as present above this pixel fraction
-    categories: tuple[str, ...] = CATEGORIES  # categories a clip may be trained on
-    # Classifier-free guidance: both references dropped, or one alone.
-    drop_all_prob: float = 0.1
-    drop_identity_prob: float = 0.05
-    drop_attribute_prob: float = 0.05
-    # Mask expansion (offline default: mask bank).
-    expansion_prob: float = 1.0
-    expansion_n_union: int = 1
-    expansion_dilation: tuple[float, float] = (0.0, 0.03)  # fractions of the image side
-    # Reference augmentation: spatial …
-    augment: bool = True
-    max_translate: float = 0.05
-    max_scale: float = 0.1
-    max_rotate: float = 10.0
-    fill: FillMode = "inpaint"
-    # … and appearance.
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02
-    keypoint_thickness: int = 1
-    # Complementary masking. False is the paper's shortcut ablation ("w/o mask"): both
-    # references are the whole frames and carry no mask (identity mask all 0, attribute mask
-    # all 1), so the model can copy-paste; only benchmarks/learns_transfer.py turns it off.
-    mask_references: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.resolution, int):
-            self.resolution = (self.resolution, self.resolution)
-        self.resolution = (int(self.resolution[0]), int(self.resolution[1]))
-        self.categories = tuple(check_category(c) for c in self.categories)
-        self.expansion_dilation = tuple(self.expansion_dilation)  # type: ignore[assignment]
-        if self.num_frames < 1 or self.frame_stride < 1 or self.min_gap < 0:
-            raise ValueError("num_frames and frame_stride must be >= 1 and min_gap >= 0")
-        drops = self.drop_all_prob + self.drop_identity_prob + self.drop_attribute_prob
-        if min(self.drop_all_prob, self.drop_identity_prob, self.drop_attribute_prob) < 0 or (
-            drops > 1
-        ):
-            raise ValueError("drop probabilities must be >= 0 and sum to <= 1")
-        if not self.categories:
-            raise ValueError("PairConfig.categories is empty")
 
 
 @dataclass(frozen=True)
@@ -243,6 +192,8 @@ def make_example(
         raise NoAttributeError(f"clip {key or '?'}: no category of {sorted(allowed)} present")
     category = str(rng.choice(categories))
 
+    if cfg.resolution is None:
+        raise ValueError("PairConfig.resolution is unset: give it or use PairConfig.at(...)")
     size = cfg.resolution
     src = clip.frames.shape[1:3]
     # Attribute reference: I_attr ⊙ M_attr.

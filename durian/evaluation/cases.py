@@ -4,7 +4,7 @@ target frames, with the masks the model gets at inference.
 * self-attribute transfer (method note §5): identity and attribute references from one clip of
   a held-out identity, the other frames as ground truth;
 * cross-identity transfer: portrait of X, attribute of Y, target = X wearing Y's attribute —
-  exact on the synthetic portraits (built by ``preprocessing.synthetic``).
+  exact on the synthetic portraits (built by ``synthetic``).
 
 The portrait's candidate region is its own attribute region united with the attribute
 reference's mask moved into portrait coordinates (method note §4), as at inference.
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from durian.data.attributes import CATEGORIES
-from durian.data.clip import Clip
+from durian.data.clip_codec import Clip
 from durian.data.keypoints import render_keypoint_sequence
 from durian.data.masks import align_mask, attribute_mask, categories_present
 from durian.evaluation.metrics import landmark_distance, region_metrics, temporal_flicker
+from preprocessing.labels import CATEGORIES
 
 
 @dataclass

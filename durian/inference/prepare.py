@@ -28,14 +28,14 @@ import cv2
 import numpy as np
 import PIL.Image
 
-from durian.config import PreprocessParams
-from durian.data.attributes import CATEGORIES, check_category
 from durian.data.masks import align_mask, attribute_mask, categories_present, dilate_mask
 from durian.inference.errors import DurianInputError
+from preprocessing.config import CropConfig
+from preprocessing.labels import CATEGORIES, check_category
 
 ImageSource = str | os.PathLike | np.ndarray | PIL.Image.Image
 
-_DEFAULTS = PreprocessParams()
+_DEFAULTS = CropConfig()  # the crop rule of the training data
 MIN_FRACTION = 0.005  # an attribute covering less of the crop than this is "not found"
 # What the offline landmark parser can label; the others need exact labels or trained weights.
 LANDMARK_PARSER_SEES = frozenset({"hair"})
@@ -223,8 +223,8 @@ class Preparer:
 
     def face(self, source: ImageSource, role: str = "portrait") -> PreparedFace:
         """One still with one face → :class:`PreparedFace` (raises DurianInputError)."""
+        from preprocessing.crop import process_clip
         from preprocessing.faces import ClipRejected
-        from preprocessing.process import process_clip
 
         name = describe(source, role)
         image = read_image(source, name)

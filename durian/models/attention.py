@@ -2,34 +2,35 @@
 fusion ("read") processor of the denoising U-Net.
 
 Both are diffusers attention processors, installed with ``UNet2DConditionModel.set_attn_processor``
-on the ``attn1`` (self-attention) of every transformer block; ``attn2`` keeps diffusers' own
-``AttnProcessor2_0``. No forward method of diffusers is rewritten.
+on the ``attn1`` (self-attention) of every transformer block; ``attn2`` keeps diffusers'
+``AttnProcessor2_0`` (:class:`PlainAttnProcessor`). No forward method of diffusers is rewritten.
+The processors hold no tensors: what one call needs arrives through the U-Net's
+``cross_attention_kwargs`` (as diffusers' IP-Adapter passes its image tokens), ``reference_bank``
+for the writers and ``reference_fusion`` (:class:`FusionInputs`) for the readers.
 
 * :class:`ReferenceWriteProcessor` (ARNet, PRNet) records the ``hidden_states`` arriving at
-  ``attn1`` — the ``norm1`` output of the block — into a dict keyed by the processor's name, then
-  computes ordinary self-attention.
+  ``attn1`` — the ``norm1`` output of the block — into the call's ``reference_bank`` dict under
+  the processor's name, then computes ordinary self-attention.
 * :class:`DualReferenceAttnProcessor` (DNet) computes
   ``F̄_t = Attention(W_Q F_t, W_K F_ref, W_V F_ref)`` with
   ``F_ref = concat(F_t, F_port, F_attr^1 … F_attr^N)`` along the token axis, using DNet's own
   projections. With two attribute branches it returns ``(1−α)·SA(…, attr¹) + α·SA(…, attr²)``
   (interpolation, method note §4).
 
-Positions (``FusionState.positions``, the tiny profile): a fixed 2-D sinusoidal code of each
-token's place in the frame is added to the inputs of ``to_q`` and ``to_k`` (not ``to_v``, as in
-DETR) for the frame's own tokens and for every reference token. SD's pretrained features carry
-where they are implicitly; randomly initialised ones do not, and without a code a frame token
-can only find "the same place" in a reference by content. Off for SD 1.5 weights (they were
-trained without it).
+Positions (``DualReferenceAttnProcessor(positions=True)``, the tiny profile): a fixed 2-D sinusoidal
+code of each token's place in the frame is added to the inputs of ``to_q`` and ``to_k`` (not
+``to_v``, as in DETR) for the frame's own tokens and for every reference token. SD's pretrained
+features carry where they are implicitly; randomly initialised ones do not, and without a code a
+frame token can only find "the same place" in a reference by content. Off for SD 1.5 weights (they
+were trained without it).
 
-Locality (``FusionState.locality``, the tiny profile): a fixed additive bias on the attention
-logits, ``−m_h · distance(query place, key place)`` in tokens of a 16-wide grid, with one slope
-per head (``m_h = 2, 1, ½, …``: the first heads look at the same place, the last ones across the
-frame), for the frame's own and every reference token: ALiBi (Press et al. 2022) in 2-D. A
-randomly initialised DNet trained 1500 steps had not learned to look at the matching place
-through position codes alone: at 16×16 its attention to the identity reference spread 4–7
-tokens (std. of the attended place) in every head, and the largest weight on any key averaged
-1.5–9%, so fusion was a broad average and renders a blur. The bias makes "the same place, and
-near it" the starting point and leaves content matching to the projections.
+Locality (``DualReferenceAttnProcessor(locality=True)``, the tiny profile): a fixed additive bias on
+the attention logits, ``−m_h · distance(query place, key place)`` in tokens of a 16-wide grid, with
+one slope per head (``m_h = 2, 1, ½, …``: the first heads look at the same place, the last ones
+across the frame), for the frame's own and every reference token: ALiBi (Press et al. 2022) in 2-D.
+A randomly initialised DNet does not learn to look at the matching place through position codes
+alone (its fusion stays a broad average, measured in ``docs/results.md``); the bias makes "the same
+place, and near it" the starting point and leaves content matching to the projections.
 
 Writer and reader blocks are paired by one rule: the processor name (e.g.
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor``), which is identical in the
@@ -41,6 +42,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +57,11 @@ def self_attention_names(processor_names: list[str] | tuple[str, ...]) -> list[s
 
 
 class ReferenceWriteProcessor(AttnProcessor2_0):
-    """Self-attention that also records its input (the block's ``norm1`` output)."""
+    """Self-attention that also records its input (the block's ``norm1`` output) into the
+    ``reference_bank`` dict of the call's ``cross_attention_kwargs``, under its own name."""
 
-    def __init__(self, bank: dict[str, torch.Tensor], name: str) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__()
-        self.bank = bank
         self.name = name
 
     def __call__(
@@ -69,8 +71,10 @@ class ReferenceWriteProcessor(AttnProcessor2_0):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        reference_bank: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        self.bank[self.name] = hidden_states
+        if reference_bank is not None:
+            reference_bank[self.name] = hidden_states
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
@@ -132,21 +136,19 @@ def locality_bias(
     return bias.repeat(1, 1, key_grids).to(device, dtype)
 
 
-@dataclass
-class FusionState:
-    """What DNet's readers use during one forward; set by ``DurianModel.denoise``.
-
-    It stays set after the forward on purpose: gradient checkpointing re-runs blocks during
-    backward and the readers must see the same references then.
+@dataclass(frozen=True)
+class FusionInputs:
+    """What DNet's readers use in one forward, passed to them as the ``reference_fusion`` entry
+    of ``cross_attention_kwargs`` (``DurianModel.denoise`` builds it per call, so nothing of one
+    call stays in the processors; gradient checkpointing hands the same object to the blocks it
+    re-runs during backward).
 
     ``portrait``: name → (B, L, C) identity reference tokens, or None (stream absent).
     ``attributes``: one dict per attribute branch (1, or 2 for interpolation), name → (B, L', C)
         (composition: the N attributes' tokens already concatenated). Empty: stream absent.
     ``keep_identity`` / ``keep_attribute``: (B,) bool, per-sample keep flags; None = keep all.
     ``alpha``: (B·F,) interpolation weight of branch 2, or None.
-    ``positions``: add token position codes to queries and keys; ``locality``: add the
-        locality bias to the logits (both properties of the model, kept by :meth:`clear`);
-        ``aspect``: width / height of the latent frame.
+    ``aspect``: width / height of the latent frame.
     """
 
     num_frames: int = 1
@@ -155,22 +157,28 @@ class FusionState:
     keep_identity: torch.Tensor | None = None
     keep_attribute: torch.Tensor | None = None
     alpha: torch.Tensor | None = None
-    positions: bool = False
-    locality: bool = False
     aspect: float = 1.0
 
-    def position_codes(self, length: int, dim: int, like: torch.Tensor) -> torch.Tensor | None:
-        if not self.positions:
-            return None
-        return grid_positions(length, self.aspect, dim, like.device, like.dtype)
 
-    def clear(self) -> None:
-        self.num_frames = 1
-        self.portrait = None
-        self.attributes = []
-        self.keep_identity = None
-        self.keep_attribute = None
-        self.alpha = None
+NO_REFERENCES = FusionInputs()
+
+
+class PlainAttnProcessor(AttnProcessor2_0):
+    """diffusers' attention for the layers without reference fusion (``attn2``, and ``attn1``
+    of blocks that are not paired). ``cross_attention_kwargs`` reach every attention layer of a
+    U-Net and diffusers warns about (then drops) entries a processor does not name, so this one
+    names the reference entries and ignores them."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        *args: Any,
+        reference_fusion: FusionInputs | None = None,
+        reference_bank: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        return super().__call__(attn, hidden_states, *args, **kwargs)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -186,9 +194,10 @@ def _per_frame(x: torch.Tensor, num_frames: int) -> torch.Tensor:
 class DualReferenceAttnProcessor:
     """Dual reference fusion on DNet's ``attn1`` (see module docstring)."""
 
-    def __init__(self, state: FusionState, name: str) -> None:
-        self.state = state
+    def __init__(self, name: str, positions: bool = False, locality: bool = False) -> None:
         self.name = name
+        self.positions = positions
+        self.locality = locality
 
     def _stream(
         self,
@@ -196,6 +205,7 @@ class DualReferenceAttnProcessor:
         tokens: torch.Tensor | None,
         keep: torch.Tensor | None,
         codes: torch.Tensor | None,
+        f: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """Keys, values and per-sample key mask of one reference stream at frame batch size.
 
@@ -205,7 +215,6 @@ class DualReferenceAttnProcessor:
         """
         if tokens is None or (keep is not None and not bool(keep.any())):
             return None  # absent for every sample: no tokens at all
-        f = self.state.num_frames
         key_in = tokens
         if codes is not None:
             key_in = tokens + codes.repeat(tokens.shape[1] // codes.shape[0], 1)
@@ -221,6 +230,7 @@ class DualReferenceAttnProcessor:
         attn: Attention,
         query: torch.Tensor,
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+        aspect: float,
     ) -> torch.Tensor:
         key = torch.cat([p[0] for p in parts], dim=1)
         value = torch.cat([p[1] for p in parts], dim=1)
@@ -232,12 +242,12 @@ class DualReferenceAttnProcessor:
             ]
             attn_mask = torch.cat(masks, dim=1)[:, None, None, :]  # (B·F, 1, 1, Lk)
         h = attn.heads
-        if self.state.locality:
+        if self.locality:
             length = query.shape[1]
             if key.shape[1] % length:
                 raise ValueError("the locality bias needs reference grids of the frame's size")
             bias = locality_bias(
-                length, self.state.aspect, h, key.shape[1] // length, query.device, query.dtype
+                length, aspect, h, key.shape[1] // length, query.device, query.dtype
             )[None]  # (1, heads, Lq, Lk)
             if attn_mask is not None:  # dropped streams: -inf on their keys
                 bias = bias.masked_fill(~attn_mask, float("-inf"))
@@ -256,6 +266,7 @@ class DualReferenceAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        reference_fusion: FusionInputs | None = None,
     ) -> torch.Tensor:
         if hidden_states.ndim != 3 or attn.group_norm is not None or attn.spatial_norm is not None:
             raise ValueError(
@@ -263,25 +274,30 @@ class DualReferenceAttnProcessor:
             )
         if attention_mask is not None:
             raise ValueError("attention masks are not supported on reference self-attention")
-        s = self.state
+        s = NO_REFERENCES if reference_fusion is None else reference_fusion
+        f = s.num_frames
         residual = hidden_states
-        codes = s.position_codes(hidden_states.shape[1], hidden_states.shape[2], hidden_states)
+        codes = None
+        if self.positions:
+            length, dim = hidden_states.shape[1:]
+            codes = grid_positions(length, s.aspect, dim, hidden_states.device, hidden_states.dtype)
         placed = hidden_states if codes is None else hidden_states + codes
         query = attn.to_q(placed)
         frame = (attn.to_k(placed), attn.to_v(hidden_states), None)
         portrait = None
         if s.portrait is not None:
-            portrait = self._stream(attn, s.portrait[self.name], s.keep_identity, codes)
+            portrait = self._stream(attn, s.portrait[self.name], s.keep_identity, codes, f)
         head = [frame] + ([portrait] if portrait is not None else [])
 
         branches = [
-            self._stream(attn, a[self.name], s.keep_attribute, codes) for a in s.attributes
+            self._stream(attn, a[self.name], s.keep_attribute, codes, f) for a in s.attributes
         ]
         if not branches:
-            out = self._attend(attn, query, head)
+            out = self._attend(attn, query, head, s.aspect)
         else:
             outs = [
-                self._attend(attn, query, head + ([b] if b is not None else [])) for b in branches
+                self._attend(attn, query, head + ([b] if b is not None else []), s.aspect)
+                for b in branches
             ]
             if len(outs) == 1:
                 out = outs[0]

@@ -3,7 +3,7 @@ module, encoders and the latent space, as one diffusers ``ModelMixin`` / ``Confi
 
 API (what the trainer and the pipeline call)::
 
-    model = DurianModel.from_profile("tiny", resolution=64)  # = profiles.build_model("tiny", …)
+    model = profiles.build_model("tiny", resolution=64)       # or DurianModel.from_pretrained
     model.set_stage(1)                                        # 1: images; 2: temporal module only
     params = model.trainable_parameters(1)
     refs = model.encode_references(identity_ref, identity_mask, attribute_ref, attribute_mask)
@@ -11,6 +11,7 @@ API (what the trainer and the pipeline call)::
     eps = model.denoise(noisy, t, refs, kp, num_frames=F, drop_identity=…, drop_attribute=…)
     eps = model(noisy, t, identity_ref=…, …)                   # the three calls above in one
     model.save_pretrained(dir); DurianModel.from_pretrained(dir)   # safetensors + config.json
+    # a whole pipeline folder (+ scheduler): durian.pipelines.pipeline_durian.save_durian_pipeline
 
 Shapes: images are (B, 3, H, W) in [-1, 1] (references already masked), masks (B, 1, H, W) with
 1 = the masked region; frames are flattened batch-major to B·F. ``attribute_ref`` may be
@@ -26,15 +27,13 @@ Parameterisation: ``prediction_type`` is what DNet predicts: ``epsilon`` (the pa
 ``v_prediction`` or ``sample`` (x0, the tiny pixel-space profile). In pixel space a 4×4×3 patch
 is 48 channels, more than the tiny U-Net's 32: ε cannot be represented at all, and an imperfect
 ε or v leaves pixel noise in every DDIM step, while an x0 prediction is an image at every step
-(600-step trials of the benchmarks/learns_transfer.py recipe: 4-step DDIM SSIM 0.03 with v,
-0.29 with x0; with U-Net widths 64 128 and 800 steps, one-step SSIM 0.41 with v, 0.56 with x0,
-4-step 0.07 with v, and ε's samples are noise at any step count). ``zero_terminal_snr``
-rescales the noise schedule so that the last timestep is pure noise (Lin et al. 2024), sampled
-with trailing timesteps: SD's schedule leaves 7% of the image (√ᾱ ≈ 0.07) in its last step, and
-a model trained on it copies some of the sampling noise into its output. Off by default: in the
-learns-transfer trials it raised whole-frame SSIM (+0.02–0.03) but cost about 0.5 dB of
-attribute-region PSNR. Trainer and pipeline take the schedule from here
-(``profiles.scheduler_settings``).
+(the trials that chose x0 are in ``docs/results.md``). ``zero_terminal_snr`` rescales the noise
+schedule so that the last timestep is pure noise (Lin et al. 2024), sampled with trailing
+timesteps: SD's schedule leaves 7% of the image (√ᾱ ≈ 0.07) in its last step, and a model
+trained on it copies some of the sampling noise into its output. Off by default: it trades
+attribute-region PSNR for whole-frame SSIM (``docs/results.md``). The first scheduler of a new
+model takes these settings from here (``profiles.scheduler_settings``); a saved pipeline folder
+then carries its own ``scheduler/scheduler_config.json``.
 
 Ablation ``shared_reference_net=True`` (the paper's "one shared ReferenceNet on a
 channel-concatenated input", method note §2): a single reference U-Net, held as ``arnet``
@@ -61,12 +60,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from durian.models.attention import (
     DualReferenceAttnProcessor,
-    FusionState,
+    FusionInputs,
+    PlainAttnProcessor,
     ReferenceWriteProcessor,
     self_attention_names,
 )
@@ -212,24 +211,12 @@ class DurianModel(ModelMixin, ConfigMixin):
                 t.data = t.data.clone()
         return model
 
-    @classmethod
-    def from_profile(cls, profile: str, **overrides: Any) -> DurianModel:
-        """``tiny`` or ``sd15`` (see :mod:`durian.models.profiles`)."""
-        from durian.models.profiles import build_model
-
-        return build_model(profile, **overrides)
-
     @property
     def reference_nets(self) -> list[UNet2DConditionModel]:
         """ARNet and PRNet (one net with ``shared_reference_net``)."""
         return [n for n in (self.arnet, self.prnet) if n is not None]
 
     def _install_processors(self) -> None:
-        self._bank: dict[str, torch.Tensor] = {}
-        self.fusion = FusionState(
-            positions=bool(self.config.reference_positions),
-            locality=bool(self.config.reference_locality),
-        )
         names = list(self.dnet.attn_processors)
         self.reference_names = self_attention_names(names)
         for net in self.reference_nets:
@@ -237,17 +224,19 @@ class DurianModel(ModelMixin, ConfigMixin):
                 raise ValueError("reference nets and DNet must share one structure")
             net.set_attn_processor(
                 {
-                    n: ReferenceWriteProcessor(self._bank, n)
+                    n: ReferenceWriteProcessor(n)
                     if n in self.reference_names
-                    else AttnProcessor2_0()
+                    else PlainAttnProcessor()
                     for n in names
                 }
             )
+        positions = bool(self.config.reference_positions)
+        locality = bool(self.config.reference_locality)
         self.dnet.set_attn_processor(
             {
-                n: DualReferenceAttnProcessor(self.fusion, n)
+                n: DualReferenceAttnProcessor(n, positions, locality)
                 if n in self.reference_names
-                else AttnProcessor2_0()
+                else PlainAttnProcessor()
                 for n in names
             }
         )
@@ -372,11 +361,15 @@ class DurianModel(ModelMixin, ConfigMixin):
     def _run_reference_net(
         self, net: UNet2DConditionModel, inputs: torch.Tensor, context: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        self._bank.clear()
+        feats: dict[str, torch.Tensor] = {}  # filled by the writers of this call
         t = torch.zeros(inputs.shape[0], device=inputs.device, dtype=torch.long)
-        net(inputs, t, encoder_hidden_states=context, return_dict=False)  # output unused
-        feats = dict(self._bank)
-        self._bank.clear()
+        net(
+            inputs,
+            t,
+            encoder_hidden_states=context,
+            cross_attention_kwargs={"reference_bank": feats},
+            return_dict=False,
+        )  # output unused
         missing = set(self.reference_names) - set(feats)
         if missing:
             raise RuntimeError(f"reference net wrote no features for {sorted(missing)[:3]}")
@@ -507,29 +500,33 @@ class DurianModel(ModelMixin, ConfigMixin):
         if keep_attribute is not None:  # unconditional attribute: zero embedding
             context = context * _per_frame(keep_attribute, num_frames)[:, None, None].to(context)
 
-        self.fusion.num_frames = num_frames
-        self.fusion.portrait = references.portrait
-        self.fusion.attributes = references.attributes
         if self.config.shared_reference_net and keep_attribute is not None:
             # One stream carries both references: gone when either is dropped.
-            keep_identity = keep_attribute if keep_identity is None else keep_identity & keep_attribute
-        self.fusion.keep_identity = keep_identity
-        self.fusion.keep_attribute = keep_attribute
-        self.fusion.alpha = alpha_t
-        self.fusion.aspect = sample.shape[-1] / sample.shape[-2]
-        self._keypoint_hook.residual = keypoint_features
+            both = keep_attribute if keep_identity is None else keep_identity & keep_attribute
+            keep_identity = both
+        fusion = FusionInputs(
+            num_frames=num_frames,
+            portrait=references.portrait,
+            attributes=references.attributes,
+            keep_identity=keep_identity,
+            keep_attribute=keep_attribute,
+            alpha=alpha_t,
+            aspect=sample.shape[-1] / sample.shape[-2],
+        )
         if self._temporal_hooks is not None:
             self._temporal_hooks.num_frames = num_frames
         t = torch.as_tensor(timestep, device=device)
         t = t.expand(bf) if t.ndim == 0 else t
         if t.shape[0] != bf:
             t = _per_frame(t, num_frames)
-        return self.dnet(sample, t, encoder_hidden_states=context, return_dict=False)[0]
-
-    def release(self) -> None:
-        """Drop the references and keypoint features held for the readers (frees memory)."""
-        self.fusion.clear()
-        self._keypoint_hook.residual = None
+        with self._keypoint_hook.adding(keypoint_features):
+            return self.dnet(
+                sample,
+                t,
+                encoder_hidden_states=context,
+                cross_attention_kwargs={"reference_fusion": fusion},
+                return_dict=False,
+            )[0]
 
     def forward(
         self,

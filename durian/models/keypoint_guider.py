@@ -6,10 +6,15 @@ built guider leaves DNet's output unchanged and pretrained SD behaviour is the s
 
 The residual enters DNet through a forward hook on ``conv_in`` (:class:`ConvInResidualHook`):
 diffusers' ``UNet2DConditionModel`` has no native additive input after ``conv_in`` and the hook
-keeps its forward and its state-dict keys untouched (SD weights still load as is).
+keeps its forward and its state-dict keys untouched (SD weights still load as is). The hook holds
+the residual only while one DNet call runs (:meth:`ConvInResidualHook.adding`): ``conv_in`` is
+outside the blocks gradient checkpointing re-runs, so backward does not need it again.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -53,6 +58,15 @@ class ConvInResidualHook:
 
     def __init__(self) -> None:
         self.residual: torch.Tensor | None = None
+
+    @contextmanager
+    def adding(self, residual: torch.Tensor | None) -> Iterator[None]:
+        """Add ``residual`` during the calls inside the block, and nothing after it."""
+        self.residual = residual
+        try:
+            yield
+        finally:
+            self.residual = None
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.residual is None:

@@ -14,7 +14,8 @@ three from one SD U-Net).
 
 API::
 
-    build_model(profile: str, **overrides) -> DurianModel
+    build_model(profile: str | ModelConfig, **fields) -> DurianModel   # random init
+    model_from_config(config: ModelConfig) -> DurianModel   # + the local weights it names
     load_sd15(pretrained_model_path, image_encoder_path=None, motion_module_path=None,
               resolution=512, **overrides) -> DurianModel
     load_unet_weights(target: UNet2DConditionModel, state_dict) -> None   # widens conv_in
@@ -26,12 +27,14 @@ API::
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPVisionModelWithProjection
 
+from durian.models.config import TINY_ONLY, ModelConfig
 from durian.models.durian_model import DurianModel
 from durian.models.encoders import clip_config_dict
 
@@ -154,30 +157,45 @@ def sd15_config(resolution: int = 512) -> dict[str, Any]:
     }
 
 
-def build_model(profile: str, **overrides: Any) -> DurianModel:
-    """A randomly initialised model of a profile; ``overrides`` replace config entries.
-
-    ``resolution`` (and for tiny ``pixel_downscale`` and ``widths``) are read first to size the
-    profile.
-    """
-    if profile == "tiny":
-        cfg = tiny_config(
-            overrides.pop("resolution", 64),
-            overrides.pop("pixel_downscale", 4),
-            tuple(overrides.pop("widths", (32, 64))),
-        )
-    elif profile == "sd15":
-        cfg = sd15_config(overrides.pop("resolution", 512))
+def build_model(profile: str | ModelConfig = "tiny", **fields: Any) -> DurianModel:
+    """A randomly initialised model: a :class:`ModelConfig`, or a profile name and
+    ``ModelConfig`` fields (``build_model("tiny", widths=(64, 128))``). The weight folders of
+    the config are not read here (see :func:`model_from_config`)."""
+    if isinstance(profile, ModelConfig):
+        config = ModelConfig.model_validate({**profile.model_dump(), **fields})
     else:
-        raise ValueError(f"unknown model profile {profile!r}: tiny or sd15")
-    cfg.update(overrides)
+        config = ModelConfig(profile=profile, **fields)
+    if config.profile == "tiny":
+        shape = {k: getattr(config, k) for k in TINY_ONLY if getattr(config, k) is not None}
+        cfg = tiny_config(config.resolution, **shape)
+    else:
+        cfg = sd15_config(config.resolution)
+    cfg.update(config.switches())
     model = DurianModel(**cfg)
     # ARNet and PRNet start as copies of DNet, as all three start from SD 1.5 in the paper: their
     # self-attention inputs then live in the feature space DNet's projections read.
     for net in model.reference_nets:
         load_unet_weights(net, model.dnet.state_dict())
-    if profile == "sd15":
+    if config.profile == "sd15":
         model.image_encoder.clip.requires_grad_(False)  # pretrained CLIP stays frozen
+    return model
+
+
+def model_from_config(config: ModelConfig) -> DurianModel:
+    """The model a :class:`ModelConfig` describes: SD 1.5 weights from its local folders when
+    ``pretrained`` names one, else the profile's fresh initialisation (plus the motion module
+    when one is named)."""
+    if config.pretrained:
+        return load_sd15(
+            config.pretrained, config.image_encoder, config.motion_module,
+            resolution=config.resolution, **config.switches(),
+        )  # fmt: skip
+    if config.profile == "sd15":
+        # Without weights the sd15 shape is only useful for benchmarks; say it loudly.
+        warnings.warn("profile sd15 without model.pretrained: random initialisation", stacklevel=2)
+    model = build_model(config)
+    if config.motion_module:
+        model.add_temporal_module(checkpoint=config.motion_module)
     return model
 
 

@@ -2,11 +2,18 @@
 
 Usage::
 
-    model = DurianModel.from_pretrained(model_dir)
-    pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
-    pipe = DurianPipeline.from_pretrained(pipeline_dir)            # after pipe.save_pretrained(...)
-    pipe = DurianPipeline.from_model_dir(model_or_pipeline_dir)    # either layout
+    save_durian_pipeline(model, folder)         # a new model: its first scheduler, one folder
+    pipe = DurianPipeline.from_pretrained(folder)                   # model + saved scheduler
+    pipe = DurianPipeline.from_pretrained(folder, scheduler=DDIMScheduler(...))  # one swapped
+    pipe = DurianPipeline.from_pretrained(old_model_folder)  # a bare DurianModel folder still loads
     pipe.to("cuda", torch.float16)                                  # fp16/bf16 + SDPA on GPU
+
+A pipeline folder is diffusers' layout: ``model_index.json`` naming each component's class
+(``durian.models.durian_model.DurianModel``, importable, so diffusers' loader finds it), the
+``model/`` and ``scheduler/scheduler_config.json``. The scheduler a model is sampled with is
+the folder's; :func:`durian.models.profiles.noise_scheduler_for` only makes the first one of a
+new model. Whatever scheduler is given, the entries the model fixes (its parameterisation and
+zero-terminal-SNR schedule, ``profiles.scheduler_settings``) are kept.
     frames = pipe(portrait, portrait_mask, attribute_image, attribute_mask, keypoint_images,
                   num_inference_steps=25, guidance_scale=3.5, generator=g).frames  # F×H×W×3 uint8
 
@@ -31,21 +38,23 @@ given masked or not.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from durian.models.durian_model import DurianModel
-from durian.models.profiles import make_noise_scheduler, scheduler_settings
+from durian.models.profiles import noise_scheduler_for, scheduler_settings
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -124,12 +133,30 @@ def _as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(x) if isinstance(x, list | tuple) else [x]
 
 
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """A bare ``DurianModel.save_pretrained`` folder (no pipeline around it)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("_class_name") == DurianModel.__name__
+    except (ValueError, AttributeError):
+        return False
+
+
+def model_component(folder: str | os.PathLike) -> Path:
+    """The ``DurianModel`` folder of a pipeline folder (its ``model/``) or of a bare model
+    folder (itself): what training starts from (``init_from``)."""
+    folder = Path(folder)
+    return folder / "model" if (folder / "model_index.json").is_file() else folder
+
+
 class DurianPipeline(DiffusionPipeline):
     """Portrait animation with attribute transfer (see the module docstring)."""
 
     model_cpu_offload_seq = "model"
 
-    def __init__(self, model: DurianModel, scheduler: DDIMScheduler) -> None:
+    def __init__(self, model: DurianModel, scheduler: SchedulerMixin) -> None:
         super().__init__()
         wanted = scheduler_settings(model.config)
         if any(scheduler.config.get(k) != v for k, v in wanted.items()):
@@ -139,15 +166,20 @@ class DurianPipeline(DiffusionPipeline):
         self.register_modules(model=model, scheduler=scheduler)
 
     @classmethod
-    def from_model_dir(
-        cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
     ) -> DurianPipeline:
-        """A pipeline from either a saved pipeline (``model_index.json``) or a saved
-        ``DurianModel`` folder (then with SD 1.5's DDIM schedule)."""
-        if (Path(path) / "model_index.json").exists():
-            return cls.from_pretrained(path, torch_dtype=torch_dtype)
-        model = DurianModel.from_pretrained(path, torch_dtype=torch_dtype)
-        return cls(model=model, scheduler=make_noise_scheduler("ddim"))
+        """diffusers' loader for a pipeline folder (components given as keyword arguments
+        replace the saved ones); a bare ``DurianModel`` folder (``config.json`` and weights, as
+        models were saved before pipeline folders) gets the first scheduler of its model."""
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / "model_index.json").is_file() or not is_model_folder(folder):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = kwargs.pop("model", None)
+        if model is None:
+            model = DurianModel.from_pretrained(folder, torch_dtype=kwargs.get("torch_dtype"))
+        scheduler = kwargs.pop("scheduler", None) or noise_scheduler_for(model, "ddim")
+        return cls(model=model, scheduler=scheduler)
 
     def _reference_tensors(
         self,
@@ -288,7 +320,6 @@ class DurianPipeline(DiffusionPipeline):
                     eps_sum / counts, t, latents, **step_kwargs
                 ).prev_sample
                 progress.update()
-        model.release()
 
         if output_type == "latent":
             frames = latents
@@ -306,3 +337,15 @@ class DurianPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames,)
         return DurianPipelineOutput(frames=frames)
+
+
+def save_durian_pipeline(
+    model: DurianModel, folder: str | os.PathLike, scheduler: SchedulerMixin | None = None
+) -> Path:
+    """Write ``model`` as a pipeline folder (``model_index.json``, ``model/``,
+    ``scheduler/scheduler_config.json``) that :meth:`DurianPipeline.from_pretrained` loads.
+    ``scheduler``: the one to save; default the model's first (SD 1.5's DDIM schedule with the
+    settings the model fixes). Returns ``folder``."""
+    pipe = DurianPipeline(model=model, scheduler=scheduler or noise_scheduler_for(model, "ddim"))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

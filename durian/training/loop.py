@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +31,11 @@ from diffusers.optimization import get_scheduler
 from durian.data.loader import make_loader
 from durian.data.masks import MaskBank
 from durian.data.pairs import PairConfig
+from durian.models.config import ModelConfig
 from durian.models.durian_model import DurianModel
-from durian.models.profiles import build_model, load_sd15, noise_scheduler_for
+from durian.models.profiles import model_from_config, noise_scheduler_for
+from durian.pipelines.pipeline_durian import model_component, save_durian_pipeline
+from durian.training.config import Recipe, TrainConfig, save_recipe
 from durian.training.ema import EMA, copy_ema_weights
 from durian.training.preview import predict_x0, preview_grid
 from durian.training.state import (
@@ -44,43 +47,20 @@ from durian.training.state import (
 )
 from durian.training.step import timestep_weights, training_loss
 
-MixedPrecision = Literal["no", "fp16", "bf16"]
-ResumeData = Literal["skip", "reseed"]
 
-
-def model_from_config(
-    profile: str,
-    resolution: int,
-    pretrained: str | None = None,
-    image_encoder: str | None = None,
-    motion_module: str | None = None,
+def build_training_model(
+    model: ModelConfig, init_from: str | None = None, seed: int = 0
 ) -> DurianModel:
-    """The ``model`` section of params → a model: SD 1.5 weights from local folders when
-    ``pretrained`` names one, else the profile's fresh initialisation."""
-    if pretrained:
-        return load_sd15(pretrained, image_encoder, motion_module, resolution=resolution)
-    if profile == "sd15":
-        # Without weights the sd15 shape is only useful for benchmarks; say it loudly.
-        warnings.warn("profile sd15 without model.pretrained: random initialisation", stacklevel=2)
-    model = build_model(profile, resolution=resolution)
-    if motion_module:
-        model.add_temporal_module(checkpoint=motion_module)
-    return model
-
-
-def build_training_model(config: dict[str, Any]) -> DurianModel:
     """The model a run starts from: ``init_from`` (a ``save_pretrained`` folder, e.g. the stage-1
-    result for stage 2) when given, else :func:`model_from_config` of the ``model`` section.
-    Seeded from ``seed`` alone, so every rank builds the same initial weights."""
-    torch.manual_seed(int(config.get("seed", 0)))
-    init_from = config.get("init_from")
+    result for stage 2) when given, else :func:`model_from_config`. Seeded from ``seed`` alone,
+    so every rank builds the same initial weights."""
+    torch.manual_seed(int(seed))
     if init_from:
-        model = DurianModel.from_pretrained(str(init_from))
-        motion = config["model"].get("motion_module")
-        if motion and model.temporal is None:
-            model.add_temporal_module(checkpoint=motion)
-        return model
-    return model_from_config(**config["model"])
+        built = DurianModel.from_pretrained(str(model_component(init_from)))
+        if model.motion_module and built.temporal is None:
+            built.add_temporal_module(checkpoint=model.motion_module)
+        return built
+    return model_from_config(model)
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int = 0) -> torch.Generator:
@@ -185,125 +165,95 @@ class Trainer:
         self,
         model: DurianModel,
         batches: BatchSource | Iterable[dict[str, Any]],
+        config: TrainConfig | None = None,
         *,
-        stage: int,
-        steps: int,
-        lr: float,
-        grad_accum: int = 1,
-        seed: int = 0,
         rank: int = 0,
         device: torch.device | str | None = None,
-        mixed_precision: MixedPrecision = "no",
-        gradient_checkpointing: bool = False,
-        ema_decay: float | None = None,
-        max_grad_norm: float = 0.0,
-        noise_offset: float = 0.0,
-        weight_decay: float = 0.01,
-        resume_data: ResumeData = "skip",
         preview_timestep: int = 500,
         fixed_noise: bool = False,
-        lr_scheduler: str = "constant",
-        lr_warmup_steps: int = 0,
-        timestep_bias: str = "none",
-        timestep_bias_multiplier: float = 1.0,
-        timestep_bias_portion: float = 0.25,
+        **settings: Any,
     ) -> None:
-        if resume_data not in ("skip", "reseed"):
-            raise ValueError(f"resume_data must be skip or reseed, got {resume_data!r}")
+        """``config`` (default: :class:`TrainConfig`'s defaults) with ``settings`` (its fields,
+        validated) over it: ``Trainer(model, batches, steps=20, lr=2e-3)``."""
+        base = config if config is not None else TrainConfig()
+        if settings:
+            base = type(base).model_validate({**base.model_dump(), **settings})
+        self.config = cfg = base
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = model.to(self.device)
-        self.stage = stage
-        self.total_steps = steps
-        self.grad_accum = grad_accum
-        self.seed = seed
+        self.stage = cfg.stage
+        self.total_steps = cfg.steps
+        self.grad_accum = cfg.grad_accum
+        self.seed = cfg.seed
         self.rank = rank
-        self.max_grad_norm = max_grad_norm
-        self.resume_data = resume_data
+        self.max_grad_norm = cfg.max_grad_norm
+        self.resume_data = cfg.resume_data
         self.preview_timestep = preview_timestep
         # Every step draws the same noise and timesteps (overfitting checks of one batch).
         self.fixed_noise = fixed_noise
         self.step = 0
         self.start_step = 0
-        model.set_stage(stage)
-        if gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        # Set by from_config: the recipe's hash, recorded in checkpoints (None: built by hand).
+        self.config_hash: str | None = None
+        model.set_stage(cfg.stage)
+        if cfg.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
             model.enable_gradient_checkpointing()
-        self.params = list(model.trainable_parameters(stage))
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.params = list(model.trainable_parameters(cfg.stage))
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # diffusers' schedules (constant, cosine, linear …), stepped once per optimiser step;
         # a pure function of the step, so a resumed run continues the same curve.
         self.lr_scheduler = get_scheduler(
-            lr_scheduler, self.optimizer, num_warmup_steps=lr_warmup_steps,
-            num_training_steps=steps,
+            cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.steps,
         )  # fmt: skip
         self.scheduler = noise_scheduler_for(model)
         weights = timestep_weights(
-            self.scheduler.config.num_train_timesteps, timestep_bias, timestep_bias_multiplier,
-            timestep_bias_portion,
+            self.scheduler.config.num_train_timesteps, cfg.timestep_bias,
+            cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
         )  # fmt: skip
-        self.loss_module: torch.nn.Module = LossModule(model, self.scheduler, noise_offset, weights)
-        self.amp_dtype = _amp_dtype(mixed_precision, self.device)
+        self.loss_module: torch.nn.Module = LossModule(
+            model, self.scheduler, cfg.noise_offset, weights
+        )
+        self.amp_dtype = _amp_dtype(cfg.mixed_precision, self.device)
         fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
-        self.ema = EMA(model, ema_decay) if ema_decay else None
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
         self.source = batches if isinstance(batches, BatchSource) else None
         self._given = None if self.source is not None else batches
         self._stream: Iterator[dict[str, Any]] | None = None
         # Data position: the loader seed of the current stream and the batches consumed from it.
-        self.data_seed = seed
+        self.data_seed = cfg.seed
         self.data_batches = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(
         cls,
-        config: dict[str, Any],
+        recipe: Recipe,
+        shards: list[str],
+        mask_bank: str | Path | None = None,
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str | None = None,
     ) -> Trainer:
-        """Build model and data from the worker config that ``flows/train.py`` assembles."""
-        model = build_training_model(config)
-        resolution = config["model"]["resolution"]
-        pair = PairConfig(
-            resolution=resolution,
-            num_frames=config["frames"],
-            frame_stride=config.get("frame_stride", 1),
-            min_gap=config.get("min_gap", 4),
-        )
-        bank_path = config.get("mask_bank")
-        bank = MaskBank.load(bank_path) if bank_path and Path(bank_path).exists() else None
+        """Model, data and optimisation of a :class:`Recipe` over ``shards`` (with the mask bank
+        at ``mask_bank`` when it exists): what ``flows/train.py`` runs in each Ray worker and
+        ``benchmarks/learns_transfer.py`` runs per variant."""
+        train = recipe.train
+        model = build_training_model(recipe.model, train.init_from, train.seed)
+        bank = MaskBank.load(mask_bank) if mask_bank and Path(mask_bank).exists() else None
         source = BatchSource(
-            shards=list(config["shards"]),
-            pair=pair,
-            batch_size=config["batch_size"],
+            shards=list(shards),
+            pair=recipe.pair.at(recipe.model.resolution),
+            batch_size=train.batch_size,
             rank=rank,
             world_size=world_size,
             mask_bank=bank,
-            num_workers=config.get("loader_workers", 0),
+            num_workers=train.loader_workers,
         )
-        ema = config.get("ema_decay") if config.get("ema") else None
-        return cls(
-            model,
-            source,
-            stage=config["stage"],
-            steps=config["steps"],
-            lr=config["lr"],
-            grad_accum=config.get("grad_accum", 1),
-            seed=config["seed"],
-            rank=rank,
-            device=device,
-            mixed_precision=config.get("mixed_precision", "no"),
-            gradient_checkpointing=config.get("gradient_checkpointing", False),
-            ema_decay=ema,
-            max_grad_norm=config.get("max_grad_norm", 0.0),
-            noise_offset=config.get("noise_offset", 0.0),
-            resume_data=config.get("resume_data", "skip"),
-            lr_scheduler=config.get("lr_scheduler", "constant"),
-            lr_warmup_steps=config.get("lr_warmup_steps", 0),
-            timestep_bias=config.get("timestep_bias", "none"),
-            timestep_bias_multiplier=config.get("timestep_bias_multiplier", 1.0),
-            timestep_bias_portion=config.get("timestep_bias_portion", 0.25),
-        )
+        trainer = cls(model, source, train, rank=rank, device=device)
+        trainer.config_hash = recipe.config_hash()
+        return trainer
 
     def wrap(self, wrapper: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         """Wrap the loss module (e.g. DDP via ``ray.train.torch.prepare_model``)."""
@@ -319,6 +269,7 @@ class Trainer:
             extra={
                 "stage": self.stage,
                 "data": {"seed": self.data_seed, "batches": self.data_batches},
+                "config_hash": self.config_hash,
             },
             ema=self.ema.state_dict() if self.ema is not None else None,
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
@@ -434,22 +385,24 @@ class Trainer:
 
 def export_checkpoint(
     checkpoint_dir: str | Path,
-    model_config: dict[str, Any],
+    recipe: Recipe,
     out_dir: str | Path,
     *,
-    use_ema: bool = True,
-    init_from: str | None = None,
+    use_ema: bool | None = None,
 ) -> dict[str, Any]:
-    """Turn a training checkpoint into a ``save_pretrained`` model folder (the EMA weights
-    when the checkpoint has them and ``use_ema``); returns the checkpoint's state."""
+    """Turn a training checkpoint of ``recipe`` into a pipeline folder (the EMA
+    weights when the checkpoint has them and ``use_ema``, default ``recipe.train.ema``) with the
+    recipe and its hash beside it; returns the checkpoint's state."""
     state = read_state(checkpoint_dir)
-    model = build_training_model({"model": model_config, "init_from": init_from})
+    model = build_training_model(recipe.model, recipe.train.init_from, recipe.train.seed)
     if int(state.get("stage", 1)) == 2:
         model.set_stage(2)  # inserts the temporal module whose weights the checkpoint holds
     load_training_state(checkpoint_dir, model, restore_rng=False)
+    use_ema = recipe.train.ema if use_ema is None else use_ema
     ema = load_ema(checkpoint_dir) if use_ema else None
     if ema is not None:
         copy_ema_weights(ema, model)
     state["exported_ema"] = ema is not None
-    model.save_pretrained(str(out_dir))
+    save_durian_pipeline(model, out_dir)
+    save_recipe(out_dir, recipe)
     return state

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 
 from durian.models.durian_model import DurianModel
 
@@ -20,12 +21,13 @@ COLUMNS = ("identity_ref", "attribute_ref", "keypoints", "target", "prediction")
 @torch.no_grad()
 def predict_x0(
     model: DurianModel,
-    scheduler: Any,
+    scheduler: DDPMScheduler,
     batch: dict[str, Any],
     timestep: int = 500,
     seed: int = 0,
 ) -> torch.Tensor:
-    """(B, F, 3, H, W) in [-1, 1]: the x0 estimate from ``target`` noised to ``timestep``."""
+    """(B, F, 3, H, W) in [-1, 1]: the x0 estimate from ``target`` noised to ``timestep``.
+    ``scheduler`` is the training (DDPM) scheduler: its ``step`` needs no inference timesteps."""
     was_training = model.training
     model.eval()
     try:
@@ -51,15 +53,10 @@ def predict_x0(
             drop_identity=keep,
             drop_attribute=keep,
         )
-        model.release()
-        abar = scheduler.alphas_cumprod.to(device)[t].to(dtype).view(-1, 1, 1, 1)
-        kind = scheduler.config.prediction_type
-        if kind == "v_prediction":
-            x0_hat = abar.sqrt() * noisy - (1 - abar).sqrt() * pred
-        elif kind == "sample":
-            x0_hat = pred
-        else:
-            x0_hat = (noisy - (1 - abar).sqrt() * pred) / abar.sqrt()
+        # The scheduler's own x0 for its prediction type (ε, v or x0). ``step`` also draws
+        # the noise of the next sample, from this generator, not the global one.
+        x0_hat = scheduler.step(pred, int(timestep), noisy, generator=generator)
+        x0_hat = x0_hat.pred_original_sample
         images = model.decode_latents(x0_hat).float().clamp(-1, 1)
         return images.view(b, f, *images.shape[1:]).cpu()
     finally:

@@ -11,8 +11,8 @@ import webdataset as wds
 
 from project_helpers import write_clip_shards
 
-from durian.data.attributes import CLASS
-from durian.data.clip import Clip, encode_clip
+from preprocessing.labels import CLASS
+from durian.data.clip_codec import Clip, encode_clip
 
 
 def template_landmarks(size: int, seed: int = 0) -> np.ndarray:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from data_synth import make_clip
 
-from durian.data.attributes import CLASS
+from preprocessing.labels import CLASS
 from durian.data.masks import (
     BankEntries,
     BankExpander,

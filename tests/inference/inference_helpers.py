@@ -35,7 +35,7 @@ def synthetic_portrait(
     path: Path, seed: int = 3, categories: tuple[str, ...] = ("hair", "glasses"), size: int = 192
 ) -> Path:
     """A drawn portrait with ``categories`` and its exact labels in ``<path>.gt.npz``."""
-    from preprocessing.synthetic.params import (
+    from synthetic.params import (
         Attributes,
         Pose,
         random_beard,
@@ -44,7 +44,7 @@ def synthetic_portrait(
         random_hat,
         random_identity,
     )
-    from preprocessing.synthetic.render import render_frame
+    from synthetic.render import render_frame
 
     rng = np.random.default_rng(seed)
     identity = random_identity(rng)

@@ -161,11 +161,13 @@ def test_registry_model_is_downloaded_and_used(media, tmp_path, monkeypatch) -> 
     """A pyfunc registered like ``flows/register.py`` does, resolved through its alias."""
     import mlflow
 
-    from flows.animate import load_pipeline, resolved_model
+    from flows.animate import load_pipeline
+    from flows.model_store import finetune_start, resolve_model
     from flows.register import PYFUNC
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DURIAN_PROJECT_DIR", str(tmp_path))  # the download cache's project
     mlflow.set_tracking_uri(uri)
     exp = mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
     with mlflow.start_run(experiment_id=exp):
@@ -178,10 +180,15 @@ def test_registry_model_is_downloaded_and_used(media, tmp_path, monkeypatch) -> 
         )
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("durian", "champion", str(info.registered_model_version))
-    with resolved_model("models:/durian@champion") as folder:
-        assert (folder / "config.json").read_bytes() == (
-            Path(media["model"]) / "config.json"
-        ).read_bytes()
+    folder = resolve_model("models:/durian@champion")
+    assert folder == tmp_path / ".durian" / "models" / "durian" / "v1" / "artifacts" / "model"
+    assert (folder / "config.json").read_bytes() == (
+        Path(media["model"]) / "config.json"
+    ).read_bytes()
+    assert resolve_model("models:/durian/1") == folder  # one version, downloaded once
+    start = finetune_start("durian", tmp_path / "champion")  # retrain: finetune's start
+    assert start == tmp_path / "champion" / "v1" / "artifacts" / "model"
+    assert finetune_start("other", tmp_path / "champion") is None  # no champion: from scratch
     pipe = load_pipeline("models:/durian@champion", "cpu")
     assert pipe.model.config.resolution == 64
     with pytest.raises(LookupError, match="models:/durian@nosuchalias"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import SIZE, tiny_model, training_batch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import save_file
 
-from durian.models.attention import DualReferenceAttnProcessor, FusionState
+from durian.models.attention import DualReferenceAttnProcessor, FusionInputs
 from durian.models.keypoint_guider import KeypointGuider
 from durian.models.temporal import build_temporal_module, load_temporal_weights
 
@@ -79,27 +81,59 @@ def test_fresh_keypoint_guider_is_zero_and_changes_dnet_once_trained(model) -> N
     assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, out_none)
 
 
+def test_denoise_calls_leave_nothing_behind(model) -> None:
+    """Two denoise calls with different references in a row give what each gives alone, and no
+    processor or hook keeps a tensor after a call (references travel as call arguments)."""
+    batch = training_batch(2, 1)
+    x = torch.randn(2, 48, 16, 16)
+    with torch.no_grad():
+        refs_a, refs_b = _refs(model, b=2, seed=0), _refs(model, b=2, seed=5)
+        kp = model.encode_keypoints(batch["keypoints"][:, 0])
+        drop = torch.tensor([True, False])
+        alone_b = model.denoise(x, 10, refs_b, None)
+        alone_a = model.denoise(x, 10, refs_a, kp, drop_attribute=drop)
+        then_b = model.denoise(x, 10, refs_b, None)  # nothing of A's call (refs, kp, drop)
+        then_a = model.denoise(x, 10, refs_a, kp, drop_attribute=drop)  # nor of B's
+    assert torch.equal(then_b, alone_b) and torch.equal(then_a, alone_a)
+    assert not torch.allclose(alone_a, alone_b)
+    nets = (*model.reference_nets, model.dnet)
+    processors = [p for net in nets for p in net.attn_processors.values()]
+    held = [(type(p).__name__, k) for p in processors for k, v in vars(p).items()
+            if isinstance(v, torch.Tensor | dict | list)]  # fmt: skip
+    assert not held
+    assert model._keypoint_hook.residual is None
+
+
 def _attention(dim: int = 16, heads: int = 2) -> Attention:
     torch.manual_seed(3)
     return Attention(query_dim=dim, heads=heads, dim_head=dim // heads)
 
 
+def _read(
+    attn: Attention, x: torch.Tensor, inputs: FusionInputs, positions=False, locality=False
+) -> torch.Tensor:
+    """DNet's reader on block "blk" with one call's references."""
+    reader = DualReferenceAttnProcessor("blk", positions=positions, locality=locality)
+    return reader(attn, x, reference_fusion=inputs)
+
+
 def test_reader_without_references_is_plain_self_attention() -> None:
     attn = _attention()
     x = torch.randn(4, 10, 16)
-    state = FusionState(num_frames=2)  # no portrait, no attributes
-    reader = DualReferenceAttnProcessor(state, "blk")
+    state = FusionInputs(num_frames=2)  # no portrait, no attributes
     with torch.no_grad():
-        assert torch.allclose(reader(attn, x), AttnProcessor2_0()(attn, x), atol=1e-6)
+        assert torch.allclose(_read(attn, x, state), AttnProcessor2_0()(attn, x), atol=1e-6)
+        plain = DualReferenceAttnProcessor("blk")(attn, x)  # no reference_fusion at all
+        assert torch.allclose(plain, AttnProcessor2_0()(attn, x), atol=1e-6)
 
 
 def test_reader_attends_over_frame_portrait_and_attribute_tokens() -> None:
     attn = _attention()
     x = torch.randn(4, 10, 16)  # B=2 samples × F=2 frames
     port, a1 = torch.randn(2, 6, 16), torch.randn(2, 5, 16)
-    state = FusionState(num_frames=2, portrait={"blk": port}, attributes=[{"blk": a1}])
+    state = FusionInputs(num_frames=2, portrait={"blk": port}, attributes=[{"blk": a1}])
     with torch.no_grad():
-        out = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        out = _read(attn, x, state)
         # Reference: plain attention on concat([frame; portrait; attribute]) as key/value input,
         # the reference tokens repeated for each of a sample's frames.
         kv = torch.cat([x, port.repeat_interleave(2, 0), a1.repeat_interleave(2, 0)], dim=1)
@@ -113,10 +147,9 @@ def test_reader_per_sample_drop_equals_absent_tokens() -> None:
     x = torch.randn(2, 10, 16)
     port, a1 = torch.randn(2, 6, 16), torch.randn(2, 5, 16)
     keep_attr = torch.tensor([False, True])
-    state = FusionState(portrait={"blk": port}, attributes=[{"blk": a1}], keep_attribute=keep_attr)
-    reader = DualReferenceAttnProcessor(state, "blk")
+    state = FusionInputs(portrait={"blk": port}, attributes=[{"blk": a1}], keep_attribute=keep_attr)
     with torch.no_grad():
-        mixed = reader(attn, x)
+        mixed = _read(attn, x, state)
         without = AttnProcessor2_0()(
             attn, x[:1], encoder_hidden_states=torch.cat([x[:1], port[:1]], 1)
         )
@@ -124,8 +157,8 @@ def test_reader_per_sample_drop_equals_absent_tokens() -> None:
             attn, x[1:], encoder_hidden_states=torch.cat([x[1:], port[1:], a1[1:]], 1)
         )
         # a different attribute for the dropped sample changes nothing there
-        state.attributes = [{"blk": torch.randn(2, 5, 16)}]
-        mixed_other = reader(attn, x)
+        other = dataclasses.replace(state, attributes=[{"blk": torch.randn(2, 5, 16)}])
+        mixed_other = _read(attn, x, other)
     assert torch.allclose(mixed[:1], without, atol=1e-5)
     assert torch.allclose(mixed[1:], with_all, atol=1e-5)
     assert torch.equal(mixed[0], mixed_other[0]) and not torch.allclose(mixed[1], mixed_other[1])
@@ -136,15 +169,15 @@ def test_reader_interpolates_attention_outputs() -> None:
     x = torch.randn(3, 10, 16)  # one sample, three frames
     port, a1, a2 = torch.randn(1, 6, 16), torch.randn(1, 5, 16), torch.randn(1, 5, 16)
     alpha = torch.tensor([0.0, 0.3, 1.0])
-    state = FusionState(
+    state = FusionInputs(
         num_frames=3, portrait={"blk": port}, attributes=[{"blk": a1}, {"blk": a2}], alpha=alpha
     )
     with torch.no_grad():
-        out = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        out = _read(attn, x, state)
         ends = []
         for a in (a1, a2):
-            s = FusionState(num_frames=3, portrait={"blk": port}, attributes=[{"blk": a}])
-            ends.append(DualReferenceAttnProcessor(s, "blk")(attn, x))
+            s = FusionInputs(num_frames=3, portrait={"blk": port}, attributes=[{"blk": a}])
+            ends.append(_read(attn, x, s))
     assert torch.allclose(out[0], ends[0][0], atol=1e-6)
     assert torch.allclose(out[2], ends[1][2], atol=1e-6)
     assert torch.allclose(out[1], 0.7 * ends[0][1] + 0.3 * ends[1][1], atol=1e-6)
@@ -320,10 +353,10 @@ def test_reader_with_positions_adds_codes_to_queries_and_keys_only() -> None:
 
     attn = _attention()
     x, port = torch.randn(2, 16, 16), torch.randn(2, 16, 16)  # a 4×4 token grid
-    state = FusionState(portrait={"blk": port}, positions=True)
+    state = FusionInputs(portrait={"blk": port})
     codes = grid_positions(16, 1.0, 16)
     with torch.no_grad():
-        out = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        out = _read(attn, x, state, positions=True)
         q = attn.to_q(x + codes)
         k = attn.to_k(torch.cat([x + codes, port + codes], 1))
         v = attn.to_v(torch.cat([x, port], 1))
@@ -331,7 +364,7 @@ def test_reader_with_positions_adds_codes_to_queries_and_keys_only() -> None:
         split = lambda t: t.view(2, t.shape[1], h, -1).transpose(1, 2)  # noqa: E731
         expected = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
         expected = attn.to_out[0](expected.transpose(1, 2).reshape(2, 16, -1))
-        plain = DualReferenceAttnProcessor(FusionState(portrait={"blk": port}), "blk")(attn, x)
+        plain = _read(attn, x, state)
     assert torch.allclose(out, expected, atol=1e-5)
     assert not torch.allclose(out, plain, atol=1e-3)
 
@@ -359,9 +392,9 @@ def test_reader_with_locality_adds_the_bias_to_the_logits() -> None:
     attn = _attention()
     x, port = torch.randn(2, 16, 16), torch.randn(2, 16, 16)  # a 4×4 token grid
     keep = torch.tensor([True, False])  # the second sample's identity reference is dropped
-    state = FusionState(portrait={"blk": port}, keep_identity=keep, locality=True)
+    state = FusionInputs(portrait={"blk": port}, keep_identity=keep)
     with torch.no_grad():
-        out = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        out = _read(attn, x, state, locality=True)
         q = attn.to_q(x)
         k = attn.to_k(torch.cat([x, port], 1))
         v = attn.to_v(torch.cat([x, port], 1))
@@ -372,8 +405,7 @@ def test_reader_with_locality_adds_the_bias_to_the_logits() -> None:
         logits[1, :, :, 16:] = float("-inf")
         expected = logits.softmax(-1) @ split(v)
         expected = attn.to_out[0](expected.transpose(1, 2).reshape(2, 16, -1))
-        state.locality = False
-        plain = DualReferenceAttnProcessor(state, "blk")(attn, x)
+        plain = _read(attn, x, state)
     assert torch.allclose(out, expected, atol=1e-5)
     assert not torch.allclose(out, plain, atol=1e-3)
 
@@ -382,8 +414,9 @@ def test_tiny_profile_starts_reference_nets_from_dnet_and_uses_positions() -> No
     from durian.models.profiles import build_model
 
     model = build_model("tiny", resolution=SIZE)
-    assert model.config.reference_positions and model.fusion.positions
-    assert model.config.reference_locality and model.fusion.locality
+    readers = [model.dnet.attn_processors[n] for n in model.reference_names]
+    assert model.config.reference_positions and all(r.positions for r in readers)
+    assert model.config.reference_locality and all(r.locality for r in readers)
     assert not model.config.freeze_reference_last_up_block
     dnet = model.dnet.state_dict()
     for net in model.reference_nets:
@@ -393,5 +426,3 @@ def test_tiny_profile_starts_reference_nets_from_dnet_and_uses_positions() -> No
                 assert not value[:, dnet[name].shape[1] :].any()
             else:
                 assert torch.equal(value, dnet[name]), name
-    model.fusion.clear()
-    assert model.fusion.positions and model.fusion.locality  # of the model, not of one call

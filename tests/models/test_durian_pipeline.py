@@ -3,16 +3,23 @@ temporal windows, save/load."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import SIZE, random_image, rect_mask, tiny_model
+from diffusers import DDIMScheduler
 
 from durian.data.masks import attribute_reference, identity_reference
 from durian.data.pairs import collate_examples, to_torch
 from durian.models.durian_model import DurianModel
 from durian.models.profiles import make_noise_scheduler
-from durian.pipelines.pipeline_durian import DurianPipeline, temporal_windows
+from durian.pipelines.pipeline_durian import (
+    DurianPipeline,
+    save_durian_pipeline,
+    temporal_windows,
+)
 
 
 def run(pipe: DurianPipeline, inputs: dict, seed: int = 0, **kwargs) -> np.ndarray:
@@ -243,9 +250,36 @@ def test_save_and_load_round_trip(temporal_pipe, video_inputs, tmp_path) -> None
     # the model alone, as the trainer saves it
     temporal_pipe.model.save_pretrained(tmp_path / "model")
     assert DurianModel.from_pretrained(tmp_path / "model").temporal_enabled
-    alone = DurianPipeline.from_model_dir(tmp_path / "model")
+    alone = DurianPipeline.from_pretrained(tmp_path / "model")  # a bare model folder loads too
     alone.set_progress_bar_config(disable=True)
     assert torch.equal(before, run(alone, video_inputs, window=3, overlap=1, output_type="pt"))
+
+
+def test_pipeline_folder_keeps_its_scheduler_and_a_component_swaps(
+    pipe, video_inputs, tmp_path
+) -> None:
+    """A saved model is a diffusers pipeline folder: the scheduler comes back from it (not from
+    constants), and ``from_pretrained(folder, scheduler=…)`` replaces that one component."""
+    first = save_durian_pipeline(pipe.model, tmp_path / "first")  # a new model's first scheduler
+    saved = json.loads((first / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "DDIMScheduler" and saved["prediction_type"] == "sample"
+    index = json.loads((first / "model_index.json").read_text())
+    assert index["model"] == ["durian.models.durian_model", "DurianModel"]
+
+    trailing = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    folder = save_durian_pipeline(pipe.model, tmp_path / "pipe", scheduler=trailing)
+    loaded = DurianPipeline.from_pretrained(folder)
+    assert loaded.scheduler.config.timestep_spacing == "trailing"
+    swapped = DurianPipeline.from_pretrained(
+        folder, scheduler=DDIMScheduler.from_config(pipe.scheduler.config)
+    )
+    assert swapped.scheduler.config.timestep_spacing == "leading"
+    for p in (loaded, swapped):
+        p.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 2, "output_type": "pt"}
+    reference = run(pipe, video_inputs, **kwargs)
+    assert torch.equal(run(swapped, video_inputs, **kwargs), reference)
+    assert not torch.allclose(run(loaded, video_inputs, **kwargs), reference, atol=1e-4)
 
 
 def test_input_formats_are_equivalent(pipe, video_inputs) -> None:

@@ -23,8 +23,8 @@ from project_helpers import make_project, project_env
 from skimage import data as skdata
 
 from preprocessing.ingest import ingest, write_parquet
-from preprocessing.sample import generate_sample
 from preprocessing.video import write_video
+from synthetic.sample import generate_sample
 
 # Small enough for a 2-core machine, every stage still real (cf. tests/test_pipeline_e2e.py).
 TINY = {

@@ -30,10 +30,10 @@ from pipeline_helpers import (
 from project_helpers import project_env, write_clip_shards
 from stop_helpers import Stopped, interrupt
 
-from durian.data.clip import Clip
+from durian.data.clip_codec import Clip
 from durian.data.masks import MaskBank
 from preprocessing.incremental import STATE_FILE
-from preprocessing.sample import sample_videos, sidecar_path, synthetic_clip
+from synthetic.sample import sample_videos, sidecar_path, synthetic_clip
 
 pytestmark = pytest.mark.e2e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from preprocessing import mp_models
 from preprocessing.faces import (
     ClipRejected,
     FaceAnalyzer,
+    _nms,
     crop_boxes,
     crop_frames,
     crop_labels,
@@ -356,3 +358,49 @@ def test_crop_of_a_large_frame_matches_the_crop_of_the_same_frame_smaller():
     moved = crop_frames(big[None], box * 4 + 12, 64).astype(int)  # ~1 crop pixel off
     assert np.abs(ref - same).mean() < 1.5
     assert np.abs(ref - moved).mean() > 3 * np.abs(ref - same).mean()
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes_and_separate_ones():
+    boxes = np.array([
+        [10, 10, 50, 50, 0.7],  # IoU 0.82 with the next one: suppressed
+        [12, 12, 52, 52, 0.9],
+        [60, 60, 90, 90, 0.8],  # apart from the first two
+        [40, 40, 80, 80, 0.6],  # IoU 0.05 and 0.19 with the two kept: kept
+    ], np.float64)  # fmt: skip
+    kept = _nms(boxes, 0.3)
+    assert kept[:, 4].tolist() == [0.9, 0.8, 0.6]
+    assert _nms(np.zeros((0, 5)), 0.3).shape == (0, 5)
+
+
+QUIET_RUN = """
+import sys, threading
+import numpy as np
+from skimage import data
+from preprocessing.faces import FaceAnalyzer
+from preprocessing.parsing import LandmarkParser
+
+frames = np.stack([data.astronaut()] * 3)
+
+def work():
+    with FaceAnalyzer() as analyzer, LandmarkParser() as parser:
+        faces = analyzer.landmarks(frames, 25.0)
+        parser.person_mask(frames[0])
+    print("faces", [len(f) for f in faces], file=sys.stderr)
+
+threads = [threading.Thread(target=work) for _ in range(2)]  # as the threaded runner does
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+@needs_models
+def test_mediapipe_writes_no_native_log_lines():
+    proc = subprocess.run([sys.executable, "-c", QUIET_RUN], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    native = [line for line in proc.stderr.splitlines()
+              if re.match(r"[IWE]\d{4} |INFO: |WARNING: Logging before", line)]
+    assert native == []
+    assert proc.stderr.splitlines().count("faces [1, 1, 1]") == 2  # Python's own lines pass

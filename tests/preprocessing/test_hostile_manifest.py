@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +47,7 @@ class _HostileServer:
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
         self.stop = threading.Event()
+        self.hits: Counter[str] = Counter()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +57,7 @@ class _HostileServer:
                 pass
 
             def do_GET(self) -> None:
+                server.hits[self.path] += 1
                 try:
                     server.route(self)
                 except (BrokenPipeError, ConnectionResetError):
@@ -75,7 +78,9 @@ class _HostileServer:
     def route(self, h: BaseHTTPRequestHandler) -> None:
         if h.path == "/stall.mp4":
             self.stop.wait(STALL_S)
-        if h.path in ("/video.mp4", "/stall.mp4"):
+        if h.path == "/busy.mp4" or (h.path == "/flaky.mp4" and self.hits[h.path] == 1):
+            h.send_error(503)  # a transient failure: worth retrying
+        elif h.path in ("/video.mp4", "/stall.mp4", "/flaky.mp4"):
             h.send_response(200)
             h.send_header("Content-Length", str(len(self.payload)))
             h.end_headers()
@@ -263,8 +268,8 @@ def test_hostile_manifest_library_run(hostile: Hostile, tmp_path: Path) -> None:
     items = list_source(SourceSpec("manifest", str(hostile.manifest)))
     videos, clips = ingest(
         items, **CLIP, download_dir=tmp_path / "dl", timeout_s=TIMEOUT_S,
-        total_timeout_s=TOTAL_TIMEOUT_S, max_bytes=MAX_DOWNLOAD, retries=0,
-        max_file_bytes=MAX_FILE, probe_timeout_s=10,
+        total_timeout_s=TOTAL_TIMEOUT_S, max_bytes=MAX_DOWNLOAD, max_file_bytes=MAX_FILE,
+        probe_timeout_s=10,
     )  # fmt: skip
     elapsed = time.monotonic() - t0
     _check(videos, clips, hostile, confined=False)
@@ -295,3 +300,27 @@ def test_hostile_manifest_prefect_flow(hostile: Hostile, prefect_api_url: str) -
     clips = pq.read_table(manifest / "clips.parquet").to_pylist()
     _check(videos, clips, hostile, confined=True)
     assert elapsed < RUN_BOUND_S + 45, f"took {elapsed:.1f}s"
+
+
+def test_flow_retries_transient_download_failures_only(server: _HostileServer, project_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ingest.download_retries`` through the flow's Prefect task, the one retry layer: a URL
+    is tried at most ``download_retries + 1`` times, a 4xx once, and a retry can succeed."""
+    from flows import retries
+    from flows.ingest import ingest_flow
+
+    monkeypatch.setattr(retries, "RETRY_DELAY_S", 0.05)  # the backoff's first wait
+    routes = ["/busy.mp4", "/flaky.mp4", "/gone.mp4"]
+    (project_dir / "m.csv").write_text("url\n" + "".join(f"{server.url}{r}\n" for r in routes))
+    params = yaml.safe_load((project_dir / "params.yaml").read_text())
+    params["source"] = {"kind": "manifest", "path": "m.csv"}
+    params["ingest"].update(**CLIP, download_retries=2)
+    (project_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = {r: server.hits[r] for r in routes}
+    ingest_flow()
+    videos = pq.read_table(project_dir / "data" / "manifest" / "videos.parquet").to_pylist()
+    got = {v["source"].rsplit("/", 1)[-1]: (v["status"], v["reason"]) for v in videos}
+    assert got == {"busy.mp4": ("failed", "download_http_503"), "flaky.mp4": ("ok", None),
+                   "gone.mp4": ("failed", "download_http_404")}
+    assert {r: server.hits[r] - before[r] for r in routes} == {
+        "/busy.mp4": 3, "/flaky.mp4": 2, "/gone.mp4": 1}

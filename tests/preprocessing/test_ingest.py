@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -327,21 +328,26 @@ def test_download_refuses_large_bodies(server: _Server, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_times_out_and_retries(server: _Server, tmp_path: Path) -> None:
+def test_download_times_out_once(server: _Server, tmp_path: Path) -> None:
     t0 = time.monotonic()
     with pytest.raises(DownloadError) as err:
-        download(f"{server.url}/slow.mp4", tmp_path, timeout_s=0.3, retries=1, backoff_s=0.05)
-    assert err.value.reason == "timeout"
-    assert server.hits["/slow.mp4"] == 2
-    assert time.monotonic() - t0 < 1.4  # gave up before the server ever answered
+        download(f"{server.url}/slow.mp4", tmp_path, timeout_s=0.3)
+    assert err.value.reason == "timeout" and err.value.transient
+    assert server.hits["/slow.mp4"] == 1  # one attempt: retries are the flow's (Prefect's)
+    assert time.monotonic() - t0 < 1.2  # gave up before the server ever answered
     assert list(tmp_path.iterdir()) == []
 
 
 def test_download_http_errors(server: _Server, tmp_path: Path) -> None:
     with pytest.raises(DownloadError) as err:
-        download(f"{server.url}/nope.mp4", tmp_path, retries=3, backoff_s=0.01)
-    assert err.value.reason == "http_404" and server.hits["/nope.mp4"] == 1
-    path = download(f"{server.url}/flaky.mp4", tmp_path, retries=1, backoff_s=0.01)
+        download(f"{server.url}/nope.mp4", tmp_path)
+    assert err.value.reason == "http_404" and not err.value.transient
+    assert err.value.item_reason == "download_http_404"
+    with pytest.raises(DownloadError) as err:
+        download(f"{server.url}/flaky.mp4", tmp_path)
+    assert err.value.reason == "http_503" and err.value.transient
+    assert pickle.loads(pickle.dumps(err.value)).reason == "http_503"  # as Prefect stores it
+    path = download(f"{server.url}/flaky.mp4", tmp_path)
     assert path.read_bytes() == b"second time lucky" and server.hits["/flaky.mp4"] == 2
     with pytest.raises(DownloadError) as err:
         download("file:///etc/passwd", tmp_path)
@@ -350,7 +356,7 @@ def test_download_http_errors(server: _Server, tmp_path: Path) -> None:
 
 def test_download_refuses_a_truncated_body(server: _Server, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="body ended at 10 of 1000 bytes") as err:
-        download(f"{server.url}/short.mp4", tmp_path, timeout_s=5, retries=0)
+        download(f"{server.url}/short.mp4", tmp_path, timeout_s=5)
     assert err.value.reason == "error"
     assert list(tmp_path.iterdir()) == []
 
@@ -402,7 +408,7 @@ def test_ingest_bad_inputs_recorded_and_run_goes_on(server: _Server, tmp_path: P
     videos, clips = ingest(
         items, fps=10, clip_frames=4, min_clip_frames=2,
         known_hashes={content_hash(known)}, download_dir=tmp_path / "dl",
-        timeout_s=0.3, max_bytes=20_000, retries=0,
+        timeout_s=0.3, max_bytes=20_000,
     )  # fmt: skip
     got = {Path(v["source"]).name: (v["status"], v["reason"]) for v in videos}
     assert got == {

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from skimage import data
 
-from durian.data.attributes import CLASS, LABELS
 from preprocessing import mp_models
 from preprocessing.faces import (
     FaceAnalyzer,
@@ -17,6 +16,7 @@ from preprocessing.faces import (
     landmarks_to_crop,
     select_track,
 )
+from preprocessing.labels import CLASS, LABELS
 from preprocessing.parsing import (
     FaceParser,
     LandmarkParser,

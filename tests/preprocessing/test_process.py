@@ -13,13 +13,13 @@ import pytest
 from pydantic import ValidationError
 from skimage import data
 
-from durian.config import PreprocessParams
-from durian.data.attributes import CLASS, LABELS
-from durian.data.clip import Clip
+from durian.data.clip_codec import Clip
+from flows.params import PreprocessParams
 from preprocessing import mp_models
+from preprocessing.crop import ProcessedClip, process_clip
 from preprocessing.faces import ClipRejected, FaceAnalyzer, track_face
+from preprocessing.labels import CLASS, LABELS
 from preprocessing.parsing import LandmarkParser
-from preprocessing.process import ProcessedClip, process_clip
 
 needs_models = pytest.mark.skipif(
     not all(v == "ok" for v in mp_models.check().values()),

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from durian.data.clip import Clip, decode_clip, encode_clip
+from durian.data.clip_codec import Clip, decode_clip, encode_clip
 from preprocessing.shards import (
     INDEX_SCHEMA,
     ShardWriter,

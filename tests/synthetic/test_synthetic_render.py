@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from durian.data.attributes import CLASS, FACE_CLASSES
-from preprocessing.synthetic import (
+from preprocessing.labels import CLASS, FACE_CLASSES
+from synthetic import (
     FLAT_PALETTE,
     Attributes,
     Background,
@@ -25,8 +25,8 @@ from preprocessing.synthetic import (
     render_frame,
     render_video,
 )
-from preprocessing.synthetic.mesh import N_MESH, canonical_mesh, topology
-from preprocessing.synthetic.render import block_labels
+from synthetic.mesh import N_MESH, canonical_mesh, topology
+from synthetic.render import block_labels
 
 EVERYTHING = Attributes(
     hair=Hair(style="long", fringe="straight", color=(150, 65, 35)),

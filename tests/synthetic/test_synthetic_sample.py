@@ -8,15 +8,15 @@ import av
 import numpy as np
 import pytest
 
-from durian.data.attributes import CLASS, LABELS
-from preprocessing.sample import (
+from preprocessing.labels import CLASS, LABELS
+from synthetic import load_transfer_cases
+from synthetic.sample import (
     cross_identity_eval_set,
     generate_sample,
     real_clip,
     sidecar_path,
     synthetic_clip,
 )
-from preprocessing.synthetic import load_transfer_cases
 
 N_FRAMES, SIZE = 6, 64
 
@@ -55,7 +55,7 @@ def test_sample_writes_readable_videos_with_matching_sidecars(sample_dir):
             meta = json.loads(str(gt["meta"]))
         assert landmarks.shape == (N_FRAMES, 478, 3) and landmarks.dtype == np.float32
         assert parsing.shape == (N_FRAMES, SIZE, SIZE) and parsing.dtype == np.uint8
-        assert meta["generator"] == "preprocessing.synthetic"
+        assert meta["generator"] == "synthetic"
         # Aligned frame for frame: the face (per the sidecar) is where the video's
         # non-background pixels differ most from the background's colour.
         for t in range(N_FRAMES):

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from durian.data.attributes import ATTRIBUTE_CLASSES
-from preprocessing.synthetic import (
+from preprocessing.labels import ATTRIBUTE_CLASSES
+from synthetic import (
     Attributes,
     Beard,
     Glasses,

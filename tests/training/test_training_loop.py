@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from training_helpers import tiny_train_config, write_train_shards
+from safetensors.torch import load_file, save_file
+from training_helpers import tiny_recipe, write_train_shards
 
 from durian.data.pairs import PairConfig
-from durian.models.durian_model import DurianModel
+from durian.models.config import ModelConfig
+from durian.pipelines.pipeline_durian import DurianPipeline
+from durian.training.config import read_recipe_hash
 from durian.training.ema import EMA
 from durian.training.loop import BatchSource, Trainer, build_training_model, export_checkpoint
 from durian.training.state import read_state
 
-SMALL = {"profile": "tiny", "resolution": 32, "pretrained": None, "image_encoder": None,
-         "motion_module": None}  # fmt: skip
+SMALL = ModelConfig(resolution=32)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_overfits_one_fixed_batch(shards: list[str]) -> None:
     )
     batch["drop_identity"][:] = False  # a conditional example: both references in use
     batch["drop_attribute"][:] = False
-    model = build_training_model({"model": SMALL, "seed": 0})
+    model = build_training_model(SMALL)
     trainer = Trainer(model, itertools.repeat(batch), stage=1, steps=20, lr=2e-3,
                       max_grad_norm=1.0, fixed_noise=True)  # fmt: skip
     losses = [s["loss"] for s in trainer.steps()]
@@ -52,9 +53,8 @@ def test_overfits_one_fixed_batch(shards: list[str]) -> None:
 
 def test_resume_from_a_checkpoint_continues_exactly(shards: list[str], tmp_path: Path) -> None:
     # A warmed-up cosine schedule: the resumed run must continue the same learning-rate curve.
-    config = tiny_train_config(shards, model=SMALL, steps=4, lr_scheduler="cosine",
-                               lr_warmup_steps=1)  # fmt: skip
-    straight = Trainer.from_config(config)
+    config = tiny_recipe(32, steps=4, lr_scheduler="cosine", lr_warmup_steps=1)
+    straight = Trainer.from_config(config, shards)
     stats = []
     for s in straight.steps():
         stats.append(s)
@@ -66,7 +66,7 @@ def test_resume_from_a_checkpoint_continues_exactly(shards: list[str], tmp_path:
     assert state["step"] == 2 and state["stage"] == 1
     assert state["data"] == {"seed": 0, "batches": 2}
 
-    resumed = Trainer.from_config(config)
+    resumed = Trainer.from_config(config, shards)
     resumed.load(tmp_path / "ckpt")
     assert resumed.step == resumed.start_step == 2 and resumed.data_batches == 2
     saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
@@ -80,7 +80,10 @@ def test_resume_from_a_checkpoint_continues_exactly(shards: list[str], tmp_path:
     assert _equal(_weights(resumed.model), _weights(straight.model))
 
     # "reseed": a fresh stream (no replay of consumed batches) from the same weights.
-    reseeded = Trainer.from_config({**config, "resume_data": "reseed"})
+    reseeded = Trainer.from_config(
+        tiny_recipe(32, steps=4, lr_scheduler="cosine", lr_warmup_steps=1, resume_data="reseed"),
+        shards,
+    )
     reseeded.load(tmp_path / "ckpt")
     assert reseeded.data_seed != 0 and reseeded.data_batches == 0
     assert _equal(_weights(reseeded.model), saved)
@@ -89,8 +92,8 @@ def test_resume_from_a_checkpoint_continues_exactly(shards: list[str], tmp_path:
 
 
 def test_ema_is_checkpointed_and_exported(shards: list[str], tmp_path: Path) -> None:
-    config = tiny_train_config(shards, model=SMALL, steps=2, ema=True, ema_decay=0.5)
-    trainer = Trainer.from_config(config)
+    config = tiny_recipe(32, steps=2, ema=True, ema_decay=0.5)
+    trainer = Trainer.from_config(config, shards)
     before = {k: v.clone() for k, v in trainer.ema.shadow.items()}
     list(trainer.steps())
     params = dict(trainer.model.named_parameters())
@@ -101,17 +104,20 @@ def test_ema_is_checkpointed_and_exported(shards: list[str], tmp_path: Path) -> 
     trainer.save(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "ema.safetensors").exists()
 
-    restored = Trainer.from_config(config)
+    restored = Trainer.from_config(config, shards)
     restored.load(tmp_path / "ckpt")
     assert restored.ema.updates == 2
     assert all(torch.equal(restored.ema.shadow[k], v) for k, v in trainer.ema.shadow.items())
 
-    export_checkpoint(tmp_path / "ckpt", SMALL, tmp_path / "model", use_ema=True)
-    exported = DurianModel.from_pretrained(str(tmp_path / "model"))
+    export_checkpoint(tmp_path / "ckpt", config, tmp_path / "model")  # the recipe's EMA
+    # The folder names the recipe it was trained with, as the trainer and checkpoint do.
+    assert read_recipe_hash(tmp_path / "model") == trainer.config_hash == config.config_hash()
+    assert read_state(tmp_path / "ckpt")["config_hash"] == config.config_hash()
+    exported = DurianPipeline.from_pretrained(str(tmp_path / "model")).model
     ex = dict(exported.named_parameters())
     assert all(torch.equal(ex[k], v) for k, v in trainer.ema.shadow.items())
-    export_checkpoint(tmp_path / "ckpt", SMALL, tmp_path / "raw", use_ema=False)
-    raw = dict(DurianModel.from_pretrained(str(tmp_path / "raw")).named_parameters())
+    export_checkpoint(tmp_path / "ckpt", config, tmp_path / "raw", use_ema=False)
+    raw = dict(DurianPipeline.from_pretrained(str(tmp_path / "raw")).model.named_parameters())
     assert torch.equal(raw[name], params[name].detach())
 
 
@@ -129,8 +135,8 @@ def test_ema_update_rule() -> None:
 
 
 def test_stage_2_trains_the_temporal_module_only(shards: list[str], tmp_path: Path) -> None:
-    config = tiny_train_config(shards, model=SMALL, stage=2, frames=2, steps=1)
-    trainer = Trainer.from_config(config)
+    config = tiny_recipe(32, pair={"num_frames": 2}, stage=2, steps=1)
+    trainer = Trainer.from_config(config, shards)
     assert trainer.model.temporal is not None
     before = _weights(trainer.model)
     batch_frames = next(trainer.steps())
@@ -141,18 +147,18 @@ def test_stage_2_trains_the_temporal_module_only(shards: list[str], tmp_path: Pa
     trainer.save(tmp_path / "ckpt")
     # Stage-1 trainers refuse a stage-2 checkpoint with a message, not a state-dict error.
     with pytest.raises(ValueError, match="stage 2"):
-        Trainer.from_config({**config, "stage": 1, "frames": 1}).load(tmp_path / "ckpt")
-    state = export_checkpoint(tmp_path / "ckpt", SMALL, tmp_path / "model")
+        Trainer.from_config(tiny_recipe(32, steps=1), shards).load(tmp_path / "ckpt")
+    state = export_checkpoint(tmp_path / "ckpt", config, tmp_path / "model")
     assert state["stage"] == 2
-    exported = DurianModel.from_pretrained(str(tmp_path / "model"))
+    exported = DurianPipeline.from_pretrained(str(tmp_path / "model")).model
     assert exported.temporal is not None and exported.temporal_enabled
     assert torch.equal(exported.state_dict()[next(iter(changed))], after[next(iter(changed))])
 
 
 def test_mixed_precision_and_gradient_checkpointing_on_cpu(shards: list[str]) -> None:
-    config = tiny_train_config(shards, model=SMALL, steps=1, mixed_precision="bf16",
-                               gradient_checkpointing=True, grad_accum=2)  # fmt: skip
-    trainer = Trainer.from_config(config)
+    config = tiny_recipe(32, steps=1, mixed_precision="bf16", gradient_checkpointing=True,
+                         grad_accum=2)  # fmt: skip
+    trainer = Trainer.from_config(config, shards)
     assert trainer.amp_dtype == torch.bfloat16 and trainer.scaler is None
     assert trainer.model.dnet.is_gradient_checkpointing
     stats = next(trainer.steps())
@@ -161,14 +167,13 @@ def test_mixed_precision_and_gradient_checkpointing_on_cpu(shards: list[str]) ->
     # fp16 is a GPU recipe (autocast + GradScaler): on CPU it says so and trains in fp32.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fp16 = Trainer(build_training_model({"model": SMALL}), [], stage=1, steps=1, lr=1e-4,
-                       mixed_precision="fp16")  # fmt: skip
+        fp16 = Trainer(build_training_model(SMALL), [], steps=1, lr=1e-4, mixed_precision="fp16")
     assert fp16.amp_dtype is None and fp16.scaler is None
     assert any("fp16 needs a GPU" in str(w.message) for w in caught)
 
 
 def test_preview_grid_shows_the_five_columns(shards: list[str]) -> None:
-    trainer = Trainer.from_config(tiny_train_config(shards, model=SMALL, steps=1))
+    trainer = Trainer.from_config(tiny_recipe(32, steps=1), shards)
     batch = trainer.preview_batch(2)
     grid = trainer.preview(batch)
     assert grid.dtype == np.uint8 and grid.shape == (2 * 32 + 2, 5 * 32 + 4 * 2, 3)
@@ -176,3 +181,19 @@ def test_preview_grid_shows_the_five_columns(shards: list[str]) -> None:
     assert np.array_equal(grid, again)  # fixed batch, fixed noise: only weights change it
     target = ((batch["target"][0, 0].permute(1, 2, 0).numpy() + 1) / 2 * 255).round()
     assert np.abs(grid[:32, 3 * 34 : 3 * 34 + 32].astype(float) - target).max() <= 1
+
+
+def test_ema_warms_up_and_resumes_from_its_saved_state(tmp_path: Path) -> None:
+    layer = torch.nn.Linear(2, 2)
+    ema = EMA(layer, decay=0.5)
+    decays = []
+    for _ in range(3):
+        decays.append(ema.current_decay())
+        ema.update(layer)
+    # EMAModel's schedule: the first update copies, then (1 + n) / (10 + n) capped at decay.
+    assert decays == [0.0, 2 / 11, 3 / 12]
+    save_file(ema.state_dict(), str(tmp_path / "ema.safetensors"))
+    again = EMA(torch.nn.Linear(2, 2), decay=0.5)
+    again.load_state_dict(load_file(str(tmp_path / "ema.safetensors")))
+    assert again.updates == 3 and again.current_decay() == ema.current_decay()
+    assert all(torch.equal(again.shadow[k], v) for k, v in ema.shadow.items())

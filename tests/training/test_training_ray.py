@@ -33,13 +33,14 @@ pytestmark = pytest.mark.e2e
 
 STEPS, EVERY = 6, 2
 TRAIN = {"steps": STEPS, "checkpoint_every": EVERY, "keep_checkpoints": 2, "log_every": 1,
-         "preview_every": 3, "min_gap": 2, "num_workers": 2, "cpus_per_worker": 1,
+         "preview_every": 3, "num_workers": 2, "cpus_per_worker": 1,
          "max_failures": 1, "batch_size": 1, "grad_accum": 2}  # fmt: skip
 
 
 def _write_project(project: Path, bank: Path | None = None) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(TRAIN)
+    params["pair"]["min_gap"] = 2
     project.mkdir(parents=True, exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     write_train_shards(project / "data" / "shards")
@@ -87,7 +88,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, prefect_engine) -> Itera
 def test_train_flow_on_two_ray_workers_logs_from_rank_zero(reference: dict) -> None:
     from mlflow.tracking import MlflowClient
 
-    from durian.models.durian_model import DurianModel
+    from durian.pipelines.pipeline_durian import DurianPipeline
 
     project, summary = reference["project"], reference["summary"]
     assert summary["steps"] == STEPS and summary["start_step"] == 0
@@ -95,7 +96,7 @@ def test_train_flow_on_two_ray_workers_logs_from_rank_zero(reference: dict) -> N
     assert reference["bank"]["counts"] == {"hair": 12, "glasses": 12}  # 6 clips x 2 frames
     info = json.loads((project / "models" / "train.json").read_text())
     assert info["mlflow_run_id"] == summary["mlflow_run_id"] and info["samples_per_s"] > 0
-    model = DurianModel.from_pretrained(str(project / "models" / "durian"))
+    model = DurianPipeline.from_pretrained(str(project / "models" / "durian")).model
     assert _same({k: v for k, v in model.state_dict().items()}, reference["weights"])
     run_dir = project / "models" / "checkpoints" / summary["ray_run_name"]
     kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
@@ -133,7 +134,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
 ) -> None:
     import ray
 
-    from durian.config import load_params
+    from flows.params import load_params
     from flows.train import fit, run_name
 
     project = reference["project"]

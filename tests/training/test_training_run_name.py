@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from training_helpers import write_train_shards
 
-from durian.config import parse_params
+from flows.params import parse_params
 from flows.train import run_name
 
 
@@ -25,8 +25,10 @@ def test_run_name_follows_what_defines_the_run(shards: list[str], tmp_path: Path
                                    "log_every": 2, "resume_data": "reseed"}})  # fmt: skip
     assert run_name(same, shards, None) == name
     # What changes the trajectory gives a fresh run.
-    for changed in ({"steps": 7}, {"lr": 1e-3}, {"num_workers": 1}, {"stage": 2, "frames": 2}):
+    for changed in ({"steps": 7}, {"lr": 1e-3}, {"num_workers": 1}, {"stage": 2}):
         assert run_name(parse_params({"train": {"steps": 6, **changed}}), shards, None) != name
+    for section in ({"pair": {"num_frames": 2}}, {"model": {"widths": [64, 128]}}):
+        assert run_name(parse_params({"train": {"steps": 6}, **section}), shards, None) != name
     bank = tmp_path / "bank.npz"
     bank.write_bytes(b"one")
     with_bank = run_name(base, shards, bank)

@@ -18,8 +18,11 @@ import numpy as np
 import psutil
 from project_helpers import write_clip_shards
 
-from durian.data.attributes import CLASS
-from durian.data.clip import Clip
+from durian.data.clip_codec import Clip
+from durian.data.pair_config import PairConfig
+from durian.models.config import ModelConfig
+from durian.training.config import Recipe, TrainConfig
+from preprocessing.labels import CLASS
 
 SIZE = 64
 
@@ -61,33 +64,15 @@ def write_train_shards(
     )
 
 
-def tiny_train_config(shards: list[str], **overrides: object) -> dict[str, object]:
-    """A worker config as ``flows.train.worker_config`` builds it, for the tiny model."""
-    config: dict[str, object] = {
-        "model": {
-            "profile": "tiny",
-            "resolution": SIZE,
-            "pretrained": None,
-            "image_encoder": None,
-            "motion_module": None,
-        },  # fmt: skip
-        "shards": shards,
-        "stage": 1,
-        "steps": 4,
-        "lr": 2e-4,
-        "batch_size": 2,
-        "frames": 1,
-        "frame_stride": 1,
-        "min_gap": 2,
-        "grad_accum": 1,
-        "seed": 0,
-        "log_every": 1,
-        "checkpoint_every": 2,
-        "preview_every": 0,
-        "mlflow_run_id": None,
-    }
-    config.update(overrides)
-    return config
+def tiny_recipe(resolution: int = SIZE, pair: dict | None = None, **train: object) -> Recipe:
+    """A small run of the tiny model: 4 steps of batch 2, pairs 2 frames apart; ``train``
+    replaces fields of the training config, ``pair`` of the pair config."""
+    settings: dict[str, object] = {"steps": 4, "lr": 2e-4, "batch_size": 2, **train}
+    return Recipe(
+        model=ModelConfig(resolution=resolution),
+        pair=PairConfig(min_gap=2, **(pair or {})),
+        train=TrainConfig(**settings),
+    )
 
 
 def descendants(pid: int) -> list[psutil.Process]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from durian.data.attributes import check_category
+from preprocessing.labels import check_category
 
 RGB = tuple[int, int, int]
 

@@ -1,7 +1,13 @@
-"""``params.yaml``: every knob of the pipeline, validated on load.
+"""``params.yaml``: every knob of the pipeline, validated on load (the application's settings).
 
 An unknown or misspelt key, a wrong type or an out-of-range value fails fast with a
 :class:`ParamsError` whose one-line message names the key (``train.stpes: unknown key``).
+
+The sections the library reads are the library's own configs: ``model`` is
+:class:`durian.models.config.ModelConfig`, ``pair`` is :class:`durian.data.pairs.PairConfig`,
+``train`` extends :class:`durian.training.config.TrainConfig` with what only the orchestration
+reads (Ray, checkpoint cadence, logging) and ``preprocess`` extends
+:class:`preprocessing.config.CropConfig`; they travel to the Ray workers as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +19,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from durian.data.pair_config import PairConfig
+from durian.models.config import ModelConfig
+from durian.training.config import Recipe, TrainConfig
+from preprocessing.config import CropConfig
 
 # The pipeline's stages, in order (each a DVC stage and a Prefect flow ``flows.<stage>``).
 PIPELINE_STAGES: tuple[str, ...] = (
@@ -77,14 +88,10 @@ class IngestParams(_Section):
         return self
 
 
-class PreprocessParams(_Section):
+class PreprocessParams(CropConfig):
+    """The crop rule (margin, face sizes; :class:`CropConfig`) and how the stage runs."""
+
     resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
-    margin: float = Field(0.6, ge=0.0, le=3.0)
-    min_face_size: int = Field(32, ge=8)
-    # A clip is rejected as multiple_faces only for another face >= ratio x the main one in at
-    # least fraction of its frames (one face, tracked); fewer are noted as stray_face_frames.
-    second_face_min_ratio: float = Field(0.5, gt=0.0, le=1.0)
-    second_face_min_fraction: float = Field(0.5, gt=0.0, le=1.0)
     parser: Literal["landmarks", "bisenet"] = "landmarks"
     parser_weights: str | None = None
     trust_ground_truth: bool = True
@@ -107,25 +114,9 @@ class ShardParams(_Section):
     crf: int = Field(0, ge=0, le=51)
 
 
-class ModelParams(_Section):
-    profile: Literal["tiny", "sd15"] = "tiny"
-    resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
-    pretrained: str | None = None  # local SD 1.5 folder (unet/, vae/)
-    image_encoder: str | None = None  # local CLIP vision folder
-    motion_module: str | None = None  # local motion-module checkpoint
+class TrainParams(TrainConfig):
+    """The training run (:class:`TrainConfig`) and how Ray runs, checkpoints and logs it."""
 
-
-class TrainParams(_Section):
-    stage: Literal[1, 2] = 1
-    steps: int = Field(30, ge=1)
-    lr: float = Field(1e-4, gt=0, le=1.0)
-    # diffusers.optimization schedules of the learning rate over ``steps``.
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
-    batch_size: int = Field(2, ge=1)
-    frames: int = Field(1, ge=1, le=64)
-    grad_accum: int = Field(1, ge=1)
-    seed: int = 0
     log_every: int = Field(5, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -134,30 +125,12 @@ class TrainParams(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     ray_address: str | None = None
     max_failures: int = Field(1, ge=0)
-    # Stage 2 windows and the reference/target gap (durian-method.md §3).
-    frame_stride: int = Field(1, ge=1)
-    min_gap: int = Field(4, ge=0)
-    # Speed/memory: autocast on GPU (fp16 adds a GradScaler; bf16 also works on CPU).
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    loader_workers: int = Field(0, ge=0, le=64)  # DataLoader processes per Ray worker
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
-    noise_offset: float = Field(0.0, ge=0, le=1)
-    # diffusers' timestep bias: "later" trains the noisiest timesteps (where few-step sampling
-    # starts) ``multiplier`` times as often over the last ``portion`` of the schedule.
-    timestep_bias: Literal["none", "later", "earlier"] = "none"
-    timestep_bias_multiplier: float = Field(1.0, gt=0)
-    timestep_bias_portion: float = Field(0.25, gt=0, le=1)
-    ema: bool = False  # EMA of the trainable weights; exported instead of the raw weights
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
     preview_every: int = Field(10, ge=0)  # steps between MLflow preview grids; 0 = none
-    init_from: str | None = None  # a save_pretrained folder to start from (stage 2: stage 1's)
     # Resume: true = a deterministic Ray run name (hash of what defines the run), so rerunning
     # after a crash continues from the latest checkpoint; false = a fresh run every time.
     resume: bool = True
-    resume_data: Literal["skip", "reseed"] = "skip"  # data position on resume (see loop.py)
     # Scheduled retraining: scratch = from init_from (or random); finetune = from the model
-    # registered as @champion when there is one (flows/versioning.champion_model_dir).
+    # registered as @champion when there is one (flows/model_store.finetune_start).
     retrain: Literal["scratch", "finetune"] = "scratch"
 
 
@@ -227,11 +200,27 @@ class Params(_Section):
     preprocess: PreprocessParams = PreprocessParams()
     shards: ShardParams = ShardParams()
     mask_bank: MaskBankParams = MaskBankParams()
-    model: ModelParams = ModelParams()
+    model: ModelConfig = ModelConfig()
+    pair: PairConfig = PairConfig()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
     schedule: ScheduleParams = ScheduleParams()
+
+    @model_validator(mode="after")
+    def _pair_at_model_resolution(self) -> Params:
+        if self.pair.resolution is not None:
+            raise ValueError("pair.resolution: the pairs are made at model.resolution; set that")
+        return self
+
+    def recipe(self, **paths: str | None) -> Recipe:
+        """The library's recipe of this run: the ``model``, ``pair`` and ``train`` sections as
+        they are, with ``paths`` (resolved weight folders: ``pretrained``, ``image_encoder``,
+        ``motion_module``, ``init_from``) replacing the ones written in the file."""
+        model_keys = {"pretrained", "image_encoder", "motion_module"}
+        model = self.model.model_copy(update={k: v for k, v in paths.items() if k in model_keys})
+        train = self.train.model_copy(update={k: v for k, v in paths.items() if k == "init_from"})
+        return Recipe(model=model, pair=self.pair, train=train)
 
 
 def _one_line(err: ValidationError, origin: str) -> str:
@@ -260,7 +249,26 @@ def parse_params(data: dict[str, Any] | None, origin: str = "params") -> Params:
         raise ParamsError(_one_line(err, origin)) from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.steps=20", "model.widths=[32, 64]"]`` -> ``{"train": {"steps": 20}, ...}``
+    (values read as YAML); raise :class:`ParamsError` naming a malformed item."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.strip().partition(".")
+        if not (sep and dot and section and field):
+            raise ParamsError(f"{item!r}: expected section.key=value")
+        try:
+            out.setdefault(section, {})[field] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParamsError(f"{item!r}: the value is not valid YAML") from None
+    return out
+
+
+def load_params(
+    path: str | os.PathLike = "params.yaml", overrides: dict[str, dict[str, Any]] | None = None
+) -> Params:
+    """The params file, with ``overrides`` (section -> keys) laid over it, validated."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
@@ -268,4 +276,11 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_params(data, origin=str(path))
+    origin = str(path)
+    if overrides and isinstance(data, dict | None):
+        data = dict(data or {})
+        for section, values in overrides.items():
+            current = data.get(section)
+            data[section] = {**(current if isinstance(current, dict) else {}), **values}
+        origin += " with overrides"
+    return parse_params(data, origin=origin)

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from durian.data.attributes import LABELS
 from preprocessing.faces import (
     ClipRejected,
     FaceAnalyzer,
@@ -18,6 +17,7 @@ from preprocessing.faces import (
     landmarks_to_crop,
     track_face,
 )
+from preprocessing.labels import LABELS
 from preprocessing.parsing import FaceParser
 
 __all__ = ["ClipRejected", "ProcessedClip", "process_clip"]
@@ -26,7 +26,7 @@ __all__ = ["ClipRejected", "ProcessedClip", "process_clip"]
 @dataclass
 class ProcessedClip:
     frames: np.ndarray  # (T, size, size, 3) uint8
-    parsing: np.ndarray  # (T, size, size) uint8, label schema of durian.data.attributes
+    parsing: np.ndarray  # (T, size, size) uint8, label schema of preprocessing.labels
     landmarks: np.ndarray  # (T, 478, 3) float32, x/y in crop pixels, z scaled alike
     boxes: np.ndarray  # (T, 4) float64 (x0, y0, x1, y1) square crop boxes in source pixels
     parser_name: str

@@ -2,6 +2,9 @@
 
 Label maps use CelebAMask-HQ's 19 classes in the order of the common BiSeNet face parsers,
 plus ``beard`` as class 19 where a parser (or the synthetic generator) can see beards.
+
+It sits at the bottom of the package graph (imports nothing of the project): the parsers here
+write label maps in it, and the synthetic portraits and the ``durian`` library read them.
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@ Faces are drawn from mediapipe's 478-landmark topology (canonical face mesh + ir
 synthetic clip flows through the same shards, loader, keypoint renderer and training as a
 real one; attributes (hair, glasses, hat, beard) can be swapped between identities to give
 exact cross-identity ground truth.
+
+A data source of its own: it imports only ``preprocessing`` (the label schema, the video writer),
+never the ``durian`` library.
 """
 
-from preprocessing.synthetic.params import (
+from synthetic.params import (
     SYNTH_CATEGORIES,
     Attributes,
     Background,
@@ -23,13 +26,13 @@ from preprocessing.synthetic.params import (
     random_motion,
     random_pose,
 )
-from preprocessing.synthetic.render import (
+from synthetic.render import (
     FLAT_PALETTE,
     landmarks_for_pose,
     render_frame,
     render_video,
 )
-from preprocessing.synthetic.transfer import (
+from synthetic.transfer import (
     TransferCase,
     load_transfer_cases,
     make_transfer_cases,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocessing.synthetic.params import (
+from synthetic.params import (
     SYNTH_CATEGORIES,
     Attributes,
     Background,
@@ -28,7 +28,7 @@ from preprocessing.synthetic.params import (
     random_motion,
     random_pose,
 )
-from preprocessing.synthetic.render import SUPERSAMPLE, render_frame, render_video
+from synthetic.render import SUPERSAMPLE, render_frame, render_video
 
 INDEX_NAME = "index.json"
 _ARRAYS = ("portrait", "portrait_labels", "portrait_landmarks", "attribute_image",

@@ -27,9 +27,9 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from durian.data.attributes import CLASS, NUM_CLASSES
-from preprocessing.synthetic.mesh import N_LANDMARKS, N_MESH, canonical_mesh, topology
-from preprocessing.synthetic.params import (
+from preprocessing.labels import CLASS, NUM_CLASSES
+from synthetic.mesh import N_LANDMARKS, N_MESH, canonical_mesh, topology
+from synthetic.params import (
     Attributes,
     Background,
     Beard,

@@ -3,7 +3,7 @@
 - Real photographs (public domain, shipped in installed packages: scikit-image's
   ``astronaut`` and matplotlib's ``grace_hopper.jpg``), animated with a small synthetic head
   motion by affine warps, so a real face detector and landmarker see real faces.
-- Procedurally drawn portraits (``preprocessing.synthetic``) of several identities with
+- Procedurally drawn portraits (``synthetic``) of several identities with
   different attributes, each with a ground-truth sidecar ``<name>.gt.npz`` holding
   ``landmarks`` (T,478,3 float32, pixel coordinates of the video frame) and ``parsing``
   (T,H,W uint8 label maps), aligned frame for frame with the MP4.
@@ -24,17 +24,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from durian.data.attributes import LABELS
-from preprocessing.synthetic.params import (
+from preprocessing.labels import LABELS
+from preprocessing.video import write_video
+from synthetic.params import (
     SYNTH_CATEGORIES,
     random_attributes,
     random_background,
     random_identity,
     random_motion,
 )
-from preprocessing.synthetic.render import render_video
-from preprocessing.synthetic.transfer import make_transfer_cases, save_transfer_cases
-from preprocessing.video import write_video
+from synthetic.render import render_video
+from synthetic.transfer import make_transfer_cases, save_transfer_cases
 
 GT_SUFFIX = ".gt.npz"
 
@@ -124,7 +124,7 @@ def synthetic_clip(i: int, n_frames: int, size: int, seed: int
     frames, labels, landmarks = render_video(identity, attributes, motion, size, background)
     meta = {"identity": asdict(identity), "attributes": attributes.to_dict(),
             "background": asdict(background), "motion": motion.to_dict(),
-            "generator": "preprocessing.synthetic", "seed": [seed, 7919, i]}
+            "generator": "synthetic", "seed": [seed, 7919, i]}
     return frames, labels, landmarks, meta
 
 

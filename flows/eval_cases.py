@@ -1,8 +1,11 @@
 """Cross-identity evaluation cases with exact targets, cropped like training data.
 
-A synthetic :class:`~preprocessing.synthetic.transfer.TransferCase` is rendered at full frame;
+A synthetic :class:`~synthetic.transfer.TransferCase` is rendered at full frame;
 the model sees square face crops made by the preprocessing crop rule, so each part (portrait,
 attribute image, target clip) is cropped around its own face exactly as preprocessing would.
+
+Application-layer glue: it joins the synthetic data source (``synthetic``) to the library's
+evaluation (``durian.evaluation.cases``), two packages that do not import each other.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import numpy as np
 
 from durian.evaluation.cases import EvalCase, make_eval_case
 from preprocessing.faces import crop_boxes, crop_frames, crop_labels, landmarks_to_crop
-from preprocessing.synthetic.transfer import TransferCase, make_transfer_cases
+from synthetic.transfer import TransferCase, make_transfer_cases
 
 
 def _crop(

@@ -1,0 +1,70 @@
+"""The model's settings: what :func:`durian.models.profiles.model_from_config` builds.
+
+One validated object for everything a model depends on: the profile and its resolution, the
+local weights it starts from, the tiny profile's shape and the method's switches. A switch left
+``None`` takes the profile's choice (:func:`durian.models.profiles.tiny_config` /
+``sd15_config``), so the profile stays the one place that says what it is; the params file's
+``model`` section is this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+
+# The switches handed to the profile as config overrides when set (None: the profile's).
+MODEL_SWITCHES: tuple[str, ...] = (
+    "prediction_type",
+    "zero_terminal_snr",
+    "reference_positions",
+    "reference_locality",
+    "shared_reference_net",
+    "freeze_reference_last_up_block",
+)
+# Shape knobs only the tiny profile has (sd15's shapes are SD 1.5's).
+TINY_ONLY: tuple[str, ...] = ("widths", "pixel_downscale")
+
+
+class ModelConfig(BaseModel):
+    """A model: profile, resolution, starting weights, tiny shape, method switches."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: Literal["tiny", "sd15"] = "tiny"
+    resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
+    pretrained: str | None = None  # local SD 1.5 folder (unet/, vae/)
+    image_encoder: str | None = None  # local CLIP vision folder
+    motion_module: str | None = None  # local motion-module checkpoint
+    # The tiny profile's U-Net level widths (multiples of 8: 8 norm groups); None: (32, 64).
+    widths: tuple[int, int] | None = None
+    # The tiny profile's pixel-unshuffle factor (latent = resolution / factor); None: 4.
+    pixel_downscale: Literal[2, 4] | None = None
+    # What the denoiser predicts; None: the profile's (tiny: x0 "sample", sd15: epsilon).
+    prediction_type: PredictionType | None = None
+    # The noise schedule rescaled to zero SNR at the last timestep (sampled trailing).
+    zero_terminal_snr: bool | None = None
+    # Position codes on the reference features in dual reference fusion (tiny: on).
+    reference_positions: bool | None = None
+    # Locality bias of dual reference fusion (tiny: on; see durian/models/attention.py).
+    reference_locality: bool | None = None
+    # Ablation: one ReferenceNet on the channel-concatenated references.
+    shared_reference_net: bool | None = None
+    # Freeze the reference nets' last up block (sd15: frozen, as with SD weights; tiny: trained).
+    freeze_reference_last_up_block: bool | None = None
+
+    @model_validator(mode="after")
+    def _tiny_shape_on_tiny_only(self) -> ModelConfig:
+        if self.profile != "tiny":
+            given = [k for k in TINY_ONLY if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only the tiny profile has them")
+        if self.widths is not None and any(w < 8 or w % 8 for w in self.widths):
+            raise ValueError(f"widths must be multiples of 8, got {list(self.widths)}")
+        return self
+
+    def switches(self) -> dict[str, Any]:
+        """The method switches that are set: config overrides of the profile."""
+        return {k: getattr(self, k) for k in MODEL_SWITCHES if getattr(self, k) is not None}
