@@ -62,7 +62,9 @@ def _registry(project: Path) -> dict:
 def test_served_pipeline_resumes_a_killed_run_and_picks_up_new_videos(tmp_path):
     project = tiny_project(tmp_path / "project", source={"kind": "folder", "path": "incoming"},
                            train={"steps": 2, "checkpoint_every": 2, "log_every": 1,
-                                  "preview_every": 0, "retrain": "finetune"})
+                                  "preview_every": 0, "retrain": "finetune",
+                                  # Two workers are tested elsewhere; one starts faster.
+                                  "num_workers": 1})
     run(["dvc", "remote", "modify", "local", "url", str(tmp_path / "dvc-remote")], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "project"], project)
