@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from flows.common import STAGES
+from flows.project import STAGES
 
 
 def _venv_env() -> dict[str, str]:
@@ -129,8 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.params:
         os.environ["DURIAN_PARAMS"] = str(Path(args.params).resolve())
     if args.no_dvc:
-        from flows.common import run_main
         from flows.pipeline import pipeline_flow
+        from flows.project import run_main
 
         run_main(lambda: pipeline_flow(stages=list(args.stages or STAGES)))
         return 0
@@ -144,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     import importlib
 
-    from flows.common import run_main
+    from flows.project import run_main
 
     module = importlib.import_module(f"flows.{args.name}")
     run_main(getattr(module, f"{args.name}_flow"))

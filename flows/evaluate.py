@@ -57,10 +57,10 @@ from durian.evaluation.perceptual import (
 )
 from durian.evaluation.side_by_side import preview_row, side_by_side_frames
 from durian.pipelines.pipeline_durian import DurianPipeline
-from flows.common import paths, read_params, run_main, write_json
 from flows.eval_cases import cross_identity_cases
 from flows.mlflow_adapter import start_run
 from flows.params import EvaluateParams
+from flows.project import paths, read_params, run_main, write_json
 from flows.stop import report_progress
 from preprocessing.faces import FaceAnalyzer
 from preprocessing.shards import list_shards

@@ -33,8 +33,8 @@ from prefect.runtime import task_run
 
 import preprocessing.ingest as ingest_lib
 import preprocessing.video as video_lib
-from flows.common import paths, read_params, run_main, write_json
 from flows.locks import file_lock, lock_path
+from flows.project import paths, read_params, run_main, write_json
 from flows.retries import with_retries
 from flows.stop import report_progress, stop_deferred
 from preprocessing.incremental import (

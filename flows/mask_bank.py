@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger
 
-from flows.common import paths, read_params, run_main, write_json
+from flows.project import paths, read_params, run_main, write_json
 from flows.stop import report_progress, stop_deferred
 
 BANK = Path("data") / "mask_bank.npz"

@@ -29,9 +29,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.common import STAGES, params_path, paths, read_params
 from flows.env import environ_set
 from flows.locks import LockBusy, file_lock, lock_path
+from flows.project import STAGES, params_path, paths, read_params
 
 ARTIFACT_KEY = "durian-run-summary"
 
@@ -221,6 +221,6 @@ def pipeline_flow(
 
 
 if __name__ == "__main__":
-    from flows.common import run_main
+    from flows.project import run_main
 
     run_main(pipeline_flow)

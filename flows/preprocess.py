@@ -47,8 +47,8 @@ import preprocessing.shards as shards_lib
 import preprocessing.video as video_lib
 from durian.data.clip_codec import Clip, encode_clip
 from durian.data.masks import category_fractions
-from flows.common import paths, read_params, run_main, write_json
 from flows.locks import file_lock, lock_path
+from flows.project import paths, read_params, run_main, write_json
 from flows.retries import with_retries
 from flows.stop import report_progress, stop_deferred
 from preprocessing.crop import process_clip

@@ -18,9 +18,9 @@ from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 
 from durian.evaluation.promotion import decide
-from flows.common import paths, read_params, run_main, write_json
 from flows.mlflow_adapter import client, start_run
 from flows.model_store import ModelNotFoundError, resolve_model
+from flows.project import paths, read_params, run_main, write_json
 from flows.stop import report_progress
 
 PYFUNC = Path(__file__).with_name("pyfunc_model.py")

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 import preprocessing.labels as labels_lib
 import preprocessing.video as video_lib
 import synthetic
-from flows.common import paths, read_params, run_main
+from flows.project import paths, read_params, run_main
 from flows.stop import report_progress
 from preprocessing.incremental import STATE_FILE, fingerprint, read_state, write_state
 from synthetic.sample import generate_sample, sample_files, sample_videos

@@ -94,8 +94,8 @@ def serve(
 ) -> None:
     """Serve the pipeline flow as a deployment on ``cron`` or every ``interval_s`` seconds
     (from the params' ``schedule`` section when neither is given). Blocks until interrupted."""
-    from flows.common import read_params
     from flows.pipeline import pipeline_flow
+    from flows.project import read_params
 
     schedule = read_params(params_file).schedule
     cron = cron or (schedule.cron if interval_s is None else None)
@@ -172,7 +172,7 @@ def _free_port() -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve`` and ``server`` to the ``durian`` command."""
-    from flows.common import STAGES
+    from flows.project import STAGES
 
     server = subparsers.add_parser(
         "server", help="start a local Prefect server (database in the project's .prefect/)")

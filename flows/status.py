@@ -6,7 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from flows.common import paths
+from flows.project import paths
 
 
 def _count(path, column: str | None = None) -> str:

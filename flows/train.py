@@ -45,10 +45,10 @@ import mlflow
 from prefect import flow, get_run_logger
 
 from durian.training.config import Recipe
-from flows.common import paths, read_params, run_main, write_json
 from flows.mask_bank import mask_bank_path
 from flows.mlflow_adapter import start_run
 from flows.params import Params
+from flows.project import paths, read_params, run_main, write_json
 from flows.ray_adapter import (
     SNAPSHOT,
     init_ray,

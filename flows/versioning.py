@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from flows.common import paths
 from flows.env import project_dir
+from flows.project import paths
 from preprocessing.incremental import index_digest
 from preprocessing.shards import read_index
 

@@ -21,7 +21,7 @@ def test_importing_flows_leaves_home_untouched(tmp_path: Path) -> None:
            if k not in {"PREFECT_HOME", "MLFLOW_TRACKING_URI", "DURIAN_PROJECT_DIR"}}
     env["HOME"] = str(home)
     subprocess.run(
-        [sys.executable, "-c", "import flows.cli, flows.common, flows.ray_adapter"],
+        [sys.executable, "-c", "import flows.cli, flows.project, flows.ray_adapter"],
         cwd=project, env=env, check=True, timeout=120,
     )  # fmt: skip
     assert sorted(p.name for p in home.rglob("*")) == []

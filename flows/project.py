@@ -1,4 +1,4 @@
-"""What every flow shares: params, project paths, a one-line error exit for ``__main__``."""
+"""The project a flow runs in: its params, its paths, the one-line error exit for ``__main__``."""
 
 from __future__ import annotations
 
