@@ -5,8 +5,8 @@ workers on an existing cluster via ``RAY_ADDRESS`` or ``train.ray_address``). Ra
 learning rate, samples/s and preview grids to MLflow; the other ranks log nothing. Checkpoints
 (safetensors weights, optimizer, EMA, RNG, step, data position) are reported to Ray every
 ``checkpoint_every`` steps into ``models/checkpoints/<run name>/``, the last
-``keep_checkpoints`` kept; the final weights (EMA when on) are saved with ``save_pretrained`` to
-``models/durian/``.
+``keep_checkpoints`` kept; the final weights (EMA when on) are saved as a pipeline folder
+(``model_index.json``, ``model/``, ``scheduler/``) to ``models/durian/``.
 
 Settings. The workers get the validated ``model``, ``pair`` and ``train`` sections as they are
 (:func:`worker_config`: a :class:`durian.training.config.Recipe`, weight folders made absolute)
