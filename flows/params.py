@@ -193,6 +193,10 @@ class ScheduleParams(_Section):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
+# The model section's local weight folders (made absolute for the Ray workers).
+MODEL_WEIGHT_FIELDS: tuple[str, ...] = ("pretrained", "image_encoder", "motion_module")
+
+
 class Params(_Section):
     sample: SampleParams = SampleParams()
     source: SourceParams = SourceParams()
@@ -217,8 +221,9 @@ class Params(_Section):
         """The library's recipe of this run: the ``model``, ``pair`` and ``train`` sections as
         they are, with ``paths`` (resolved weight folders: ``pretrained``, ``image_encoder``,
         ``motion_module``, ``init_from``) replacing the ones written in the file."""
-        model_keys = {"pretrained", "image_encoder", "motion_module"}
-        model = self.model.model_copy(update={k: v for k, v in paths.items() if k in model_keys})
+        model = self.model.model_copy(
+            update={k: v for k, v in paths.items() if k in MODEL_WEIGHT_FIELDS}
+        )
         train = self.train.model_copy(update={k: v for k, v in paths.items() if k == "init_from"})
         return Recipe(model=model, pair=self.pair, train=train)
 
@@ -278,9 +283,17 @@ def load_params(
         raise ParamsError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     origin = str(path)
     if overrides and isinstance(data, dict | None):
-        data = dict(data or {})
-        for section, values in overrides.items():
-            current = data.get(section)
-            data[section] = {**(current if isinstance(current, dict) else {}), **values}
+        data = with_overrides(data, overrides)
         origin += " with overrides"
     return parse_params(data, origin=origin)
+
+
+def with_overrides(
+    data: dict[str, Any] | None, overrides: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """A params mapping with ``overrides`` (section -> keys) laid over it (a new mapping)."""
+    out = dict(data or {})
+    for section, values in overrides.items():
+        current = out.get(section)
+        out[section] = {**(current if isinstance(current, dict) else {}), **values}
+    return out

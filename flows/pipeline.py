@@ -48,15 +48,13 @@ def source_override(source: str) -> dict[str, str]:
 @contextlib.contextmanager
 def run_params(overrides: dict[str, dict[str, Any]]) -> Iterator[Path]:
     """Point every stage at a params file = the chosen file + ``overrides`` (validated)."""
-    from flows.params import parse_params
+    from flows.params import parse_params, with_overrides
 
     base = params_path()
     if not overrides:
         yield base
         return
-    data = yaml.safe_load(base.read_text()) or {}
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
+    data = with_overrides(yaml.safe_load(base.read_text()), overrides)
     parse_params(data, origin=f"{base} + deployment parameters")
     derived = paths().root / ".durian" / "run-params.yaml"
     derived.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ from prefect import flow, get_run_logger
 from durian.training.config import Recipe
 from flows.mask_bank import mask_bank_path
 from flows.mlflow_adapter import start_run
-from flows.params import Params
+from flows.params import MODEL_WEIGHT_FIELDS, Params
 from flows.project import paths, read_params, run_main, write_json
 from flows.ray_adapter import (
     SNAPSHOT,
@@ -177,14 +177,11 @@ def _abs(path: str | None, root: Path) -> str | None:
     return str(p if p.is_absolute() else (root / p).resolve())
 
 
-WEIGHT_PATHS = ("pretrained", "image_encoder", "motion_module")
-
-
 def resolved_recipe(params: Params) -> Recipe:
     """The run's recipe: the ``model``, ``pair`` and ``train`` sections as validated, with the
     weight folders made absolute (Ray workers need not share the driver's directory)."""
     root = paths().root
-    folders = {key: _abs(getattr(params.model, key), root) for key in WEIGHT_PATHS}
+    folders = {key: _abs(getattr(params.model, key), root) for key in MODEL_WEIGHT_FIELDS}
     return params.recipe(**folders, init_from=_abs(params.train.init_from, root))
 
 
@@ -246,7 +243,7 @@ def run_name(
             key: fingerprint(value, root)
             for key, value in {
                 "init_from": params.train.init_from,
-                **{k: model[k] for k in WEIGHT_PATHS},
+                **{k: model[k] for k in MODEL_WEIGHT_FIELDS},
             }.items()
             if value
         },
