@@ -5,7 +5,7 @@ numbers against exact ground truth; asserts nothing.
         [--set SECTION.KEY=VALUE ...] [--steps N] [--out DIR] [--train-videos 640]
         [--frames 16] [--eval-cases 24] [--sample-steps 1 4 20]
         [--variants durian unmasked shared] [--init-from DIR] [--jobs 0] [--device cpu]
-        [--quick]
+        [--data DIR] [--quick]
 
 The recipe (model, training pairs, optimisation, crop and mask-bank settings) is the params
 file, ``params/learns_transfer.yaml``: the same file ``durian run`` trains from, through the same
@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,27 @@ def make_training_shards(
                 sink.write(encode_clip(f"train{s + j:04d}", clip))
         shards.append(str(path))
     return shards, clips
+
+
+DATA_INDEX = "data.json"
+
+
+def save_data(out: Path, shards: list[str], bank: Path, cases: list) -> None:
+    """Record the generated data (shards, mask bank, evaluation cases) for ``--data``."""
+    with open(out / "eval_cases.pkl", "wb") as f:
+        pickle.dump(cases, f)
+    index = {"shards": [str(Path(s).relative_to(out)) for s in shards],
+             "mask_bank": str(bank.relative_to(out)), "eval_cases": "eval_cases.pkl"}  # fmt: skip
+    (out / DATA_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def load_data(folder: Path) -> tuple[list[str], Path, list]:
+    """The data an earlier run saved (e.g. generated on a CPU machine for a GPU one that lacks
+    mediapipe, which the synthetic renderer needs)."""
+    index = json.loads((folder / DATA_INDEX).read_text())
+    with open(folder / index["eval_cases"], "rb") as f:
+        cases = pickle.load(f)  # our own file, written by save_data
+    return [str(folder / s) for s in index["shards"]], folder / index["mask_bank"], cases
 
 
 def make_eval_cases(n: int, seed: int, crop: Any) -> list:
@@ -395,6 +417,10 @@ def main() -> None:
                    help="an earlier --out: each variant continues from its saved model (its "
                    "EMA weights; optimiser and EMA start afresh), train.steps more steps")
     p.add_argument("--eval-cases", type=int, default=24)
+    p.add_argument("--data", type=Path, default=None,
+                   help="reuse the data an earlier --out wrote (its data.json: shards, mask "
+                        "bank, evaluation cases); --train-videos, --frames and --eval-cases "
+                        "are then that run's")  # fmt: skip
     p.add_argument("--sample-steps", type=int, nargs="+", default=[1, 4, 20],
                    help="DDIM steps; every method is sampled with each")
     p.add_argument("--guidance", type=float, default=1.0)
@@ -418,7 +444,7 @@ def main() -> None:
     import torch
 
     import flows  # noqa: F401  - offline environment variables
-    from durian.data.masks import build_mask_bank
+    from durian.data.masks import MaskBank, build_mask_bank
     from flows.params import load_params, parse_overrides
 
     overrides = parse_overrides(args.overrides)
@@ -433,17 +459,22 @@ def main() -> None:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     crop = settings.preprocess
-    shards, clips = make_training_shards(args.out, args.train_videos, args.frames, args.seed,
-                                         crop)  # fmt: skip
-    bank = build_mask_bank(clips, settings.mask_bank.per_category_limit,
-                           np.random.default_rng(args.seed),
-                           frames_per_clip=settings.mask_bank.frames_per_clip)  # fmt: skip
-    bank_path = args.out / "mask_bank.npz"
-    bank.save(bank_path)
-    del clips
-    cases = make_eval_cases(args.eval_cases, args.seed, crop)
+    if args.data is not None:
+        shards, bank_path, cases = load_data(args.data)
+        bank = MaskBank.load(bank_path)
+    else:
+        shards, clips = make_training_shards(args.out, args.train_videos, args.frames, args.seed,
+                                             crop)  # fmt: skip
+        bank = build_mask_bank(clips, settings.mask_bank.per_category_limit,
+                               np.random.default_rng(args.seed),
+                               frames_per_clip=settings.mask_bank.frames_per_clip)  # fmt: skip
+        bank_path = args.out / "mask_bank.npz"
+        bank.save(bank_path)
+        del clips
+        cases = make_eval_cases(args.eval_cases, args.seed, crop)
+        save_data(args.out, shards, bank_path, cases)
     timings["data_s"] = time.perf_counter() - t0
-    print(f"data: {args.train_videos} training videos, {len(cases)} cross-identity cases "
+    print(f"data: {len(shards)} shards, {len(cases)} cross-identity cases "
           f"({', '.join(sorted({c.category for c in cases}))}), bank {bank.counts()}, "
           f"{timings['data_s']:.0f} s")
 

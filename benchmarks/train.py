@@ -36,33 +36,13 @@ sys.path.insert(0, str(ROOT))
 import flows  # noqa: E402,F401  - offline/loopback environment before Ray is imported
 
 
-def synthetic_batch(batch: int, resolution: int, seed: int = 0) -> dict[str, Any]:
-    """A batch with the loader's contract (durian/training/step.py); random content."""
-    g = torch.Generator().manual_seed(seed)
-    r = resolution
-
-    def img(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=g) * 2 - 1
-
-    mask = (torch.rand(batch, 1, r, r, generator=g) > 0.5).float()
-    return {
-        "target": img(batch, 1, 3, r, r),
-        "identity_ref": img(batch, 3, r, r),
-        "identity_mask": mask,
-        "attribute_ref": img(batch, 3, r, r),
-        "attribute_mask": 1 - mask,
-        "keypoints": torch.rand(batch, 1, 3, r, r, generator=g),
-        "drop_identity": torch.zeros(batch, dtype=torch.bool),
-        "drop_attribute": torch.zeros(batch, dtype=torch.bool),
-    }
-
-
 def _trainer(config: dict[str, Any], rank: int = 0):  # noqa: ANN202
     from durian.models.config import ModelConfig
     from durian.training.loop import Trainer, build_training_model
+    from durian.training.step import random_training_batch
 
     model = build_training_model(ModelConfig(resolution=config["resolution"]))
-    batch = synthetic_batch(config["batch"], config["resolution"], seed=rank)
+    batch = random_training_batch(config["batch"], 1, config["resolution"], seed=rank)
     steps = config["warmup"] + config["steps"]
     return Trainer(model, itertools.repeat(batch), steps=steps, lr=1e-4, rank=rank)
 

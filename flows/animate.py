@@ -21,35 +21,19 @@ from typing import Any
 DEFAULT_MODEL = "models:/durian@champion"
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        from durian.inference.errors import DurianInputError
-
-        raise DurianInputError("--device cuda asked for, but CUDA is not available here")
-    return name
-
-
 def load_pipeline(spec: str, device: str = "auto") -> Any:
-    """A ready :class:`DurianPipeline` for ``--model`` ``spec`` on ``device`` (fp16 on CUDA)."""
-    import torch
-
-    from durian.pipelines.pipeline_durian import DurianPipeline
+    """A ready :class:`DurianPipeline` for ``--model`` ``spec`` (a folder or a ``models:/`` URI)
+    on ``device`` (:func:`~durian.pipelines.pipeline_durian.load_durian_pipeline`)."""
+    from durian.pipelines.pipeline_durian import load_durian_pipeline, pick_device
     from flows.model_store import not_found, resolve_model
 
-    device = pick_device(device)
+    device = pick_device(device)  # a bad --device is the user's error, before any download
     folder = resolve_model(spec)
     try:
-        pipe = DurianPipeline.from_pretrained(folder)
+        return load_durian_pipeline(folder, device)
     except (OSError, ValueError, KeyError, TypeError) as err:
         msg = " ".join(str(err).split())[:200]
         raise not_found(spec, f"cannot load it: {type(err).__name__}: {msg}") from None
-    pipe.model.eval()
-    # fp16 on CUDA; on CPU the saved fp32 weights stay as they are.
-    return pipe.to(device, torch.float16) if device == "cuda" else pipe.to(device)
 
 
 def _positive_int(text: str) -> int:

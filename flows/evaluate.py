@@ -56,7 +56,7 @@ from durian.evaluation.perceptual import (
     load_perceptual,
 )
 from durian.evaluation.side_by_side import preview_row, side_by_side_frames
-from durian.pipelines.pipeline_durian import DurianPipeline
+from durian.pipelines.pipeline_durian import DurianPipeline, load_durian_pipeline
 from flows.eval_cases import cross_identity_cases
 from flows.mlflow_adapter import start_run
 from flows.params import EvaluateParams
@@ -78,8 +78,7 @@ def load_pipeline(model_dir: Path) -> DurianPipeline:
         raise FileNotFoundError(
             f"no trained model in {model_dir}: run the train stage first"
         ) from None
-    pipe = DurianPipeline.from_pretrained(folder)
-    pipe.model.eval()
+    pipe = load_durian_pipeline(folder)  # the GPU in half precision when there is one
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

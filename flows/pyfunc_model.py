@@ -35,12 +35,12 @@ def decode_png(data: str) -> np.ndarray:
 
 class DurianPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from durian.pipelines.pipeline_durian import DurianPipeline
+        from durian.pipelines.pipeline_durian import load_durian_pipeline
 
         # MLflow has already resolved the version to a local artifact folder, and only the
-        # ``durian`` package travels with the version: no flows.model_store here.
-        self.pipe = DurianPipeline.from_pretrained(context.artifacts["model"])
-        self.pipe.model.eval()
+        # ``durian`` package travels with the version: no flows.model_store here. The GPU in
+        # half precision when there is one (the loader durian animate uses).
+        self.pipe = load_durian_pipeline(context.artifacts["model"])
         self.pipe.set_progress_bar_config(disable=True)
 
     # No type hints here: MLflow would read them as an input schema for list-wise inputs.

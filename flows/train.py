@@ -101,7 +101,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # guidance) leaves the reference nets without gradient.
     trainer.wrap(
         lambda module: ray.train.torch.prepare_model(
-            module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
+            module,
+            move_to_device=False,
+            # Gradients as views of DDP's buckets: no second fp32 copy of them per GPU.
+            parallel_strategy_kwargs={
+                "find_unused_parameters": True,
+                "gradient_as_bucket_view": True,
+            },
         )
     )
     logger = _RankZeroLogger(config, trainer) if rank == 0 else None
@@ -127,6 +133,7 @@ def _report(trainer: Any, rank: int, metrics: dict[str, Any]) -> None:
     import ray.train
 
     name = f"checkpoint_{metrics['step']:07d}"
+    trainer.gather_for_checkpoint()  # collective (a sharded optimizer's state to rank 0)
     with tempfile.TemporaryDirectory() as directory:
         ckpt = None
         if rank == 0:

@@ -35,9 +35,12 @@ class ModelConfig(BaseModel):
 
     profile: Literal["tiny", "sd15"] = "tiny"
     resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
-    pretrained: str | None = None  # local SD 1.5 folder (unet/, vae/)
-    image_encoder: str | None = None  # local CLIP vision folder
-    motion_module: str | None = None  # local motion-module checkpoint
+    # Local SD folder: SD image-variations (unet/, vae/, image_encoder/, scheduler/) or SD 1.5.
+    pretrained: str | None = None
+    image_encoder: str | None = None  # CLIP vision folder (default <pretrained>/image_encoder)
+    # AnimateDiff motion module (.ckpt as published, safetensors, or a MotionAdapter folder),
+    # read for stage 2 only.
+    motion_module: str | None = None
     # The tiny profile's U-Net level widths (multiples of 8: 8 norm groups); None: (32, 64).
     widths: tuple[int, int] | None = None
     # The tiny profile's pixel-unshuffle factor (latent = resolution / factor); None: 4.

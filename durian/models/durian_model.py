@@ -53,14 +53,19 @@ the latent size by area averaging, concatenated after the latent (``in_channels`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from durian.models.attention import (
     DualReferenceAttnProcessor,
@@ -74,9 +79,14 @@ from durian.models.keypoint_guider import ConvInResidualHook, KeypointGuider
 from durian.models.temporal import (
     TemporalHooks,
     build_temporal_module,
-    load_temporal_weights,
+    load_temporal_state,
+    read_motion_module,
     temporal_module_config,
 )
+
+# Images per VAE call (encode and decode).
+VAE_CHUNK = 8
+T = TypeVar("T")
 
 # Parameters of a reference net that never receive a gradient: nothing after the last recorded
 # self-attention input (the ``norm1`` output of the last transformer block) is used.
@@ -112,6 +122,34 @@ class References:
             attributes=[{k: rep(v) for k, v in a.items()} for a in self.attributes],
             attribute_embeddings=[rep(e) for e in self.attribute_embeddings],
         )
+
+
+# Set while a loader builds a model whose large parts it is about to fill from files.
+_EMPTY_PARTS: ContextVar[frozenset[str]] = ContextVar("durian_empty_parts", default=frozenset())
+PRETRAINED_PARTS = ("unet", "vae", "image_encoder")
+
+
+@contextmanager
+def pretrained_parts_empty(parts: Iterable[str] = PRETRAINED_PARTS) -> Iterator[None]:
+    """Build the named large parts (the three U-Nets, the VAE, the CLIP tower) with their
+    parameters on the meta device: no random initialisation and no host memory for weights a
+    loader then assigns (``load_state_dict(..., assign=True)``); the small parts (keypoint
+    guider, projections, temporal module) are initialised as usual."""
+    unknown = set(parts) - set(PRETRAINED_PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}: {PRETRAINED_PARTS}")
+    token = _EMPTY_PARTS.set(frozenset(parts))
+    try:
+        yield
+    finally:
+        _EMPTY_PARTS.reset(token)
+
+
+def _part(name: str, build: Callable[[], T]) -> T:
+    if name not in _EMPTY_PARTS.get():
+        return build()
+    with init_empty_weights(include_buffers=False):  # buffers (e.g. CLIP's positions) stay real
+        return build()
 
 
 def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +190,7 @@ class DurianModel(ModelMixin, ConfigMixin):
         zero_terminal_snr: bool = False,
         freeze_reference_last_up_block: bool = True,
         reference_locality: bool = False,
+        noise_schedule: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -161,7 +200,7 @@ class DurianModel(ModelMixin, ConfigMixin):
             )
         unet_cfg = _clean_config(unet_config)
         if vae_config is not None:
-            self.vae = AutoencoderKL.from_config(_clean_config(vae_config))
+            self.vae = _part("vae", lambda: AutoencoderKL.from_config(_clean_config(vae_config)))
             self.vae.requires_grad_(False)
             latent_channels = self.vae.config.latent_channels
             downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -174,17 +213,22 @@ class DurianModel(ModelMixin, ConfigMixin):
                 f"unet in_channels {unet_cfg['in_channels']} != latent channels {latent_channels}"
             )
         cross_dim = unet_cfg["cross_attention_dim"]
-        self.dnet = UNet2DConditionModel.from_config(unet_cfg)
+        def unet(config: dict[str, Any]) -> UNet2DConditionModel:
+            return _part("unet", lambda: UNet2DConditionModel.from_config(config))
+
+        self.dnet = unet(unet_cfg)
         reference_in = latent_channels + 1  # + mask channel
         if shared_reference_net:  # ablation: identity ‖ attribute inputs, one net
-            reference_cfg = {**unet_cfg, "in_channels": 2 * reference_in}
-            self.arnet = UNet2DConditionModel.from_config(reference_cfg)
+            self.arnet = unet({**unet_cfg, "in_channels": 2 * reference_in})
             self.prnet = None
         else:
-            reference_cfg = {**unet_cfg, "in_channels": reference_in}
-            self.arnet = UNet2DConditionModel.from_config(reference_cfg)
-            self.prnet = UNet2DConditionModel.from_config(reference_cfg)
-        self.image_encoder = ImageEmbedder(image_encoder_config, cross_dim)
+            self.arnet = unet({**unet_cfg, "in_channels": reference_in})
+            self.prnet = unet({**unet_cfg, "in_channels": reference_in})
+        clip = _part(
+            "image_encoder",
+            lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder_config)),
+        )
+        self.image_encoder = ImageEmbedder(clip, cross_dim)
         self.identity_projector = IdentityProjector(
             identity_embed_dim or self.image_encoder.embed_dim, cross_dim, identity_tokens
         )
@@ -253,20 +297,28 @@ class DurianModel(ModelMixin, ConfigMixin):
         config: dict[str, Any] | None = None,
         checkpoint: str | os.PathLike | None = None,
     ) -> None:
-        """Insert (or replace) the temporal module; optionally load a motion-module checkpoint."""
+        """Insert (or replace) the temporal module; optionally load a motion-module checkpoint
+        (any form :func:`~durian.models.temporal.read_motion_module` reads; the table length
+        and mid block it fixes shape the module when ``config`` is not given)."""
         unet_cfg = _clean_config(self.config.unet_config)
+        state, fixed = read_motion_module(checkpoint) if checkpoint is not None else (None, {})
         if config is None:
             c0 = unet_cfg["block_out_channels"][0]
-            config = temporal_module_config(unet_cfg, num_attention_heads=min(8, max(1, c0 // 8)))
+            heads = min(8, max(1, c0 // 8))
+            config = {**temporal_module_config(unet_cfg, num_attention_heads=heads), **fixed}
         module = build_temporal_module(config)
-        if checkpoint is not None:
-            load_temporal_weights(module, checkpoint)
+        if state is not None:
+            load_temporal_state(module, state, checkpoint)
+        checkpointing = False
         if self._temporal_hooks is not None:
+            checkpointing = self._temporal_hooks.checkpointing
             self._temporal_hooks.remove()
+        # The U-Net's device and dtype (a frozen VAE may be kept in half precision);
         # nn.Module.to: ModelMixin.to warns about fp32-kept modules the adapter does not have.
-        self.temporal = nn.Module.to(module, device=self.device, dtype=self.dtype)
+        self.temporal = nn.Module.to(module, device=self.dnet.device, dtype=self.dnet.dtype)
         self.register_to_config(temporal_config=dict(config))
         self._temporal_hooks = TemporalHooks(self.dnet, self.temporal)
+        self._temporal_hooks.checkpointing = checkpointing
         self._temporal_hooks.enabled = True
 
     @property
@@ -329,28 +381,39 @@ class DurianModel(ModelMixin, ConfigMixin):
     def enable_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
         for net in (*self.reference_nets, self.dnet):
             net.enable_gradient_checkpointing()
+        if self._temporal_hooks is not None:
+            self._temporal_hooks.checkpointing = True
 
     def disable_gradient_checkpointing(self) -> None:
         for net in (*self.reference_nets, self.dnet):
             net.disable_gradient_checkpointing()
+        if self._temporal_hooks is not None:
+            self._temporal_hooks.checkpointing = False
 
     # ------------------------------------------------------------------ latent space
     def encode_images(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sample: bool = False,
+        chunk: int = VAE_CHUNK,
     ) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] → latents (N, C, H/d, W/d)."""
+        """(N, 3, H, W) in [-1, 1] → latents (N, C, H/d, W/d), ``chunk`` images per VAE call
+        (the VAE's activations at 512² are ~1 GB per image: 96 frames at once would not fit)."""
         if self.vae is None:
             return F.pixel_unshuffle(images, self.latent_downscale)
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return z * self.vae.config.scaling_factor
+        out = []
+        for part in images.split(chunk):
+            dist = self.vae.encode(part.to(self.vae.dtype)).latent_dist
+            out.append(dist.sample(generator) if sample else dist.mode())
+        return torch.cat(out) * self.vae.config.scaling_factor
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [-1, 1] (not clamped)."""
+    def decode_latents(self, latents: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
+        """Latents → images in [-1, 1] (not clamped), ``chunk`` latents per VAE call."""
         if self.vae is None:
             return F.pixel_shuffle(latents, self.latent_downscale)
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(z).sample
+        return torch.cat([self.vae.decode(part).sample for part in z.split(chunk)])
 
     def _reference_input(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         latents = self.encode_images(images)

@@ -41,11 +41,16 @@ def clip_config_dict(config: CLIPVisionConfig) -> dict[str, Any]:
 
 
 class ImageEmbedder(nn.Module):
-    """Images in [-1, 1] → CLIP ``image_embeds`` (B, D) / one cross-attention token (B, 1, C)."""
+    """Images in [-1, 1] → CLIP ``image_embeds`` (B, D) / one cross-attention token (B, 1, C).
+    ``clip``: the tower, or its config (a random initialisation)."""
 
-    def __init__(self, clip_config: dict[str, Any], cross_attention_dim: int) -> None:
+    def __init__(
+        self, clip: CLIPVisionModelWithProjection | dict[str, Any], cross_attention_dim: int
+    ) -> None:
         super().__init__()
-        self.clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_config))
+        if isinstance(clip, dict):
+            clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip))
+        self.clip = clip
         dim = self.clip.config.projection_dim
         # SD image-variation U-Nets take the 768-d embedding directly; other widths get a Linear.
         self.proj = (

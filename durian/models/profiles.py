@@ -15,10 +15,11 @@ three from one SD U-Net).
 API::
 
     build_model(profile: str | ModelConfig, **fields) -> DurianModel   # random init
-    model_from_config(config: ModelConfig) -> DurianModel   # + the local weights it names
+    model_from_config(config: ModelConfig, stage=1) -> DurianModel   # + the local weights
     load_sd15(pretrained_model_path, image_encoder_path=None, motion_module_path=None,
-              resolution=512, **overrides) -> DurianModel
-    load_unet_weights(target: UNet2DConditionModel, state_dict) -> None   # widens conv_in
+              resolution=512, **overrides) -> DurianModel   # no random init of loaded parts
+    load_unet_weights(target: UNet2DConditionModel, state_dict, assign=False)  # widens conv_in
+    read_noise_schedule(folder) -> dict   # the schedule entries of <folder>/scheduler/
     make_noise_scheduler(kind="ddpm" | "ddim", **overrides) -> DDPMScheduler | DDIMScheduler
     scheduler_settings(model.config) -> dict  # what the model fixes: parameterisation, schedule
     noise_scheduler_for(model, kind="ddpm")   # SD 1.5's schedule with those settings
@@ -26,8 +27,11 @@ API::
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +39,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPVisionModelWithProjection
 
 from durian.models.config import TINY_ONLY, ModelConfig
-from durian.models.durian_model import DurianModel
+from durian.models.durian_model import DurianModel, pretrained_parts_empty
 from durian.models.encoders import clip_config_dict
 
 # SD 1.5 (and SD image-variations) U-Net / VAE / scheduler shapes, as in their config.json files.
@@ -93,6 +97,12 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+# What a base model's scheduler config contributes: the training noise schedule, not the
+# sampler (DDIM is used for sampling whatever class the folder names).
+SCHEDULE_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+    "steps_offset", "clip_sample", "set_alpha_to_one",
+)  # fmt: skip
 
 
 def tiny_config(
@@ -181,27 +191,31 @@ def build_model(profile: str | ModelConfig = "tiny", **fields: Any) -> DurianMod
     return model
 
 
-def model_from_config(config: ModelConfig) -> DurianModel:
-    """The model a :class:`ModelConfig` describes: SD 1.5 weights from its local folders when
-    ``pretrained`` names one, else the profile's fresh initialisation (plus the motion module
-    when one is named)."""
+def model_from_config(config: ModelConfig, stage: int = 1) -> DurianModel:
+    """The model a :class:`ModelConfig` describes for training ``stage``: SD weights from its
+    local folders when ``pretrained`` names one, else the profile's fresh initialisation; the
+    motion module is loaded for stage 2 only (stage 1 never runs it)."""
+    motion = config.motion_module if stage == 2 else None
     if config.pretrained:
         return load_sd15(
-            config.pretrained, config.image_encoder, config.motion_module,
+            config.pretrained, config.image_encoder, motion,
             resolution=config.resolution, **config.switches(),
         )  # fmt: skip
     if config.profile == "sd15":
         # Without weights the sd15 shape is only useful for benchmarks; say it loudly.
         warnings.warn("profile sd15 without model.pretrained: random initialisation", stacklevel=2)
     model = build_model(config)
-    if config.motion_module:
-        model.add_temporal_module(checkpoint=config.motion_module)
+    if motion:
+        model.add_temporal_module(checkpoint=motion)
     return model
 
 
-def load_unet_weights(target: UNet2DConditionModel, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy SD U-Net weights into ``target``; a wider ``conv_in`` keeps the SD weights on the
-    first channels and gets zero weights on the extra (mask) channel, so at load the mask has no
+def load_unet_weights(
+    target: UNet2DConditionModel, state_dict: dict[str, torch.Tensor], assign: bool = False
+) -> None:
+    """Copy SD U-Net weights into ``target`` (``assign``: take the tensors themselves, e.g. into
+    a target built on the meta device); a wider ``conv_in`` keeps the SD weights on the first
+    channels and gets zero weights on the extra (mask) channel, so at load the mask has no
     effect and the pretrained behaviour is intact."""
     state = dict(state_dict)
     own = target.conv_in.weight
@@ -212,7 +226,23 @@ def load_unet_weights(target: UNet2DConditionModel, state_dict: dict[str, torch.
         widened = torch.zeros(own.shape, dtype=src.dtype)
         widened[:, : src.shape[1]] = src
         state["conv_in.weight"] = widened
-    target.load_state_dict(state, strict=True)
+    target.load_state_dict(state, strict=True, assign=assign)
+
+
+def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights as trained in fp32 (fp16 variants are common downloads); the trainer keeps the
+    frozen parts in half precision itself when it trains in mixed precision."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def read_noise_schedule(folder: str | os.PathLike) -> dict[str, Any]:
+    """The training noise schedule of a pipeline folder's ``scheduler/`` (any diffusers
+    scheduler class: PNDM in SD image-variations, DDIM/PNDM in SD 1.5); empty when absent."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    return {k: config[k] for k in SCHEDULE_KEYS if config.get(k) is not None}
 
 
 def load_sd15(
@@ -222,27 +252,40 @@ def load_sd15(
     resolution: int = 512,
     **overrides: Any,
 ) -> DurianModel:
-    """The sd15 profile from local folders: ``<path>/unet`` and ``<path>/vae`` (diffusers
-    format, SD 1.5 or SD image-variations), a ``CLIPVisionModelWithProjection`` folder, and a
-    motion-module safetensors checkpoint. Config shapes are taken from the folders."""
-    base = UNet2DConditionModel.from_pretrained(pretrained_model_path, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(pretrained_model_path, subfolder="vae")
+    """The sd15 profile from local folders: a diffusers SD folder — SD image-variations
+    (``unet/``, ``vae/``, ``image_encoder/`` as ``CLIPVisionModelWithProjection``,
+    ``feature_extractor/``, ``scheduler/``) or SD 1.5 with a separate CLIP vision folder
+    (``image_encoder_path``, which wins over ``<path>/image_encoder``) — and a motion module
+    (:func:`durian.models.temporal.read_motion_module`). Shapes and the noise schedule are taken
+    from the folders. The large parts are built empty and take the loaded tensors (no random
+    initialisation first): host memory is the weights once, plus ARNet's and PRNet's copies."""
+    root = Path(pretrained_model_path)
+    if image_encoder_path is None and (root / "image_encoder" / "config.json").is_file():
+        image_encoder_path = root / "image_encoder"
+    base = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
     cfg = sd15_config(resolution)
     cfg["unet_config"] = {**dict(base.config), "sample_size": resolution // 8}
     cfg["vae_config"] = dict(vae.config)
+    cfg["noise_schedule"] = read_noise_schedule(root) or None
     clip = None
     if image_encoder_path is not None:
         clip = CLIPVisionModelWithProjection.from_pretrained(image_encoder_path)
         cfg["image_encoder_config"] = clip_config_dict(clip.config)
     cfg.update(overrides)
-    model = DurianModel(**cfg)
-    state = base.state_dict()
-    for net in (model.dnet, *model.reference_nets):
-        load_unet_weights(net, state)
-    model.vae.load_state_dict(vae.state_dict())
+    parts = ("unet", "vae") + (("image_encoder",) if clip is not None else ())
+    with pretrained_parts_empty(parts):
+        model = DurianModel(**cfg)
+    state = _fp32(base.state_dict())
+    del base
+    for net in model.reference_nets:
+        load_unet_weights(net, {k: v.clone() for k, v in state.items()}, assign=True)
+    load_unet_weights(model.dnet, state, assign=True)  # DNet takes the loaded tensors
+    model.vae.load_state_dict(_fp32(vae.state_dict()), assign=True)
     if clip is not None:
-        model.image_encoder.clip.load_state_dict(clip.state_dict())
-        model.image_encoder.clip.requires_grad_(not cfg["train_image_encoder"])
+        model.image_encoder.clip.load_state_dict(_fp32(clip.state_dict()), assign=True)
+        model.image_encoder.clip.requires_grad_(bool(cfg["train_image_encoder"]))
+    model.vae.requires_grad_(False)
     if motion_module_path is not None:
         model.add_temporal_module(checkpoint=motion_module_path)
     return model
@@ -251,13 +294,13 @@ def load_sd15(
 def make_noise_scheduler(kind: str = "ddpm", **overrides: Any) -> DDPMScheduler | DDIMScheduler:
     """SD 1.5's noise schedule (ε-prediction unless overridden) for training (``ddpm``) or
     sampling (``ddim``). For a given model use :func:`noise_scheduler_for`."""
+    classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+    if kind not in classes:
+        raise ValueError(f"unknown scheduler kind {kind!r}: ddpm or ddim")
+    cls = classes[kind]
+    accepted = inspect.signature(cls.__init__).parameters
     cfg = {**SD15_SCHEDULER_CONFIG, **overrides}
-    if kind == "ddpm":
-        cfg.pop("set_alpha_to_one", None)
-        return DDPMScheduler(**cfg)
-    if kind == "ddim":
-        return DDIMScheduler(**cfg)
-    raise ValueError(f"unknown scheduler kind {kind!r}: ddpm or ddim")
+    return cls(**{k: v for k, v in cfg.items() if k in accepted})
 
 
 def scheduler_settings(config: Any) -> dict[str, Any]:
@@ -271,5 +314,8 @@ def scheduler_settings(config: Any) -> dict[str, Any]:
 
 
 def noise_scheduler_for(model: DurianModel, kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
-    """SD 1.5's schedule with the model's own settings (:func:`scheduler_settings`)."""
-    return make_noise_scheduler(kind, **scheduler_settings(model.config))
+    """The schedule the model's base was trained with (its ``noise_schedule``, read from the
+    base's ``scheduler/``; SD 1.5's when absent) with the model's own settings
+    (:func:`scheduler_settings`)."""
+    base = getattr(model.config, "noise_schedule", None) or {}
+    return make_noise_scheduler(kind, **{**base, **scheduler_settings(model.config)})

@@ -259,9 +259,8 @@ class DurianPipeline(DiffusionPipeline):
             id_img[:, 0], id_mask[:, 0], branches_i, branches_m, identity_embedding
         )
 
-        kp = _keypoints(keypoint_images, size).to(device, dtype)
+        kp = _keypoints(keypoint_images, size)  # on the CPU: one window at a time moves
         num_frames = kp.shape[0]
-        kp_features = model.encode_keypoints(kp)  # once, sliced per window
 
         alpha_t = None
         if len(branches_i) == 2:
@@ -294,18 +293,27 @@ class DurianPipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generator, eta)
 
+        kept: dict[tuple[int, int], torch.Tensor] = {}
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
             for t in self.scheduler.timesteps:
                 eps_sum = torch.zeros_like(latents)
                 counts = torch.zeros(num_frames, 1, 1, 1, device=device, dtype=dtype)
                 for s, e in windows:
+                    # Keypoint features per window, recomputed each step when there are
+                    # several (the guider is small next to DNet): memory stays flat in the
+                    # number of frames; one window keeps its features for every step.
+                    kp_features = kept.get((s, e))
+                    if kp_features is None:
+                        kp_features = model.encode_keypoints(kp[s:e].to(device, dtype))
+                        if len(windows) == 1:
+                            kept[(s, e)] = kp_features
                     x = self.scheduler.scale_model_input(latents[s:e], t)
                     a_w = None if alpha_t is None else torch.cat([alpha_t[s:e]] * n_copies)
                     eps = model.denoise(
                         torch.cat([x] * n_copies),
                         t,
                         refs_in,
-                        torch.cat([kp_features[s:e]] * n_copies),
+                        torch.cat([kp_features] * n_copies),
                         num_frames=e - s,
                         drop_identity=drops_id,
                         drop_attribute=drops_attr,
@@ -349,3 +357,25 @@ def save_durian_pipeline(
     pipe = DurianPipeline(model=model, scheduler=scheduler or noise_scheduler_for(model, "ddim"))
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def pick_device(name: str = "auto") -> str:
+    """``auto``: CUDA when there is a GPU, else the CPU; ``cuda`` without one is a user error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from durian.inference.errors import DurianInputError
+
+        raise DurianInputError("--device cuda asked for, but CUDA is not available here")
+    return name
+
+
+def load_durian_pipeline(folder: str | os.PathLike, device: str = "auto") -> DurianPipeline:
+    """The one loader of a trained model for inference (``durian animate``, the app,
+    evaluation, the registered MLflow model): the folder's pipeline on ``device`` (``auto``: the
+    GPU when there is one) in eval mode, loaded in half precision on CUDA (fp32 on the CPU)."""
+    device = pick_device(device)
+    dtype = torch.float16 if device == "cuda" else None
+    pipe = DurianPipeline.from_pretrained(folder, torch_dtype=dtype)
+    pipe.model.eval()
+    return pipe.to(device)

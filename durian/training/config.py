@@ -51,6 +51,12 @@ class TrainConfig(BaseModel):
     timestep_bias_portion: float = Field(0.25, gt=0, le=1)
     ema: bool = False  # EMA of the trainable weights; exported instead of the raw weights
     ema_decay: float = Field(0.9999, ge=0, lt=1)
+    # Where the EMA copy lives: "same" as the model, or "cpu" (frees an fp32 copy of every
+    # trained parameter on the GPU; costs a device-to-host copy of them per step).
+    ema_device: Literal["same", "cpu"] = "same"
+    # ZeRO-1: each data-parallel worker keeps 1/N of the optimizer state (torch's
+    # ZeroRedundancyOptimizer); a checkpoint gathers it on rank 0.
+    shard_optimizer: bool = False
     init_from: str | None = None  # a save_pretrained folder to start from (stage 2: stage 1's)
     resume_data: Literal["skip", "reseed"] = "skip"  # data position on resume (see loop.py)
 

@@ -22,7 +22,15 @@ _UPDATES = "__ema_updates__"
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        warmup: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``device``: where the averages live (default: with the parameters); e.g. the CPU, to
+        keep an fp32 copy of the trained weights off the GPU."""
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
@@ -33,8 +41,9 @@ class EMA:
         params = self._params(model)
         # Without warmup the decay is constant: min_decay pins it, and update_after_step=-1
         # keeps EMAModel from making the first update a plain copy (its decay 0 at step 0).
+        self.device = torch.device(device) if device is not None else None
         self._ema = EMAModel(
-            [p.detach().float() for p in params],
+            [p.detach().float().to(self.device or p.device) for p in params],
             decay=self.decay,
             min_decay=0.0 if warmup else self.decay,
             update_after_step=0 if warmup else -1,
@@ -60,7 +69,12 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold the model's current trainable weights into the average (after optimizer.step)."""
-        self._ema.step(self._params(model))
+        params = self._params(model)
+        if self.device is not None and params and params[0].device != self.device:
+            # EMAModel averages parameters that require grad (it copies the others): the
+            # copies on the averages' device stay Parameters.
+            params = [nn.Parameter(p.detach().to(self.device)) for p in params]
+        self._ema.step(params)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Shadow weights plus the update count, all tensors (safetensors-ready)."""

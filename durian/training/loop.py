@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 
 from durian.data.loader import make_loader
@@ -49,18 +50,50 @@ from durian.training.step import timestep_weights, training_loss
 
 
 def build_training_model(
-    model: ModelConfig, init_from: str | None = None, seed: int = 0
+    model: ModelConfig, init_from: str | None = None, seed: int = 0, stage: int = 1
 ) -> DurianModel:
-    """The model a run starts from: ``init_from`` (a ``save_pretrained`` folder, e.g. the stage-1
-    result for stage 2) when given, else :func:`model_from_config`. Seeded from ``seed`` alone,
-    so every rank builds the same initial weights."""
+    """The model a run of ``stage`` starts from: ``init_from`` (a ``save_pretrained`` folder,
+    e.g. the stage-1 result for stage 2) when given, else :func:`model_from_config`; the motion
+    module is read for stage 2 only. Seeded from ``seed`` alone, so every rank builds the same
+    initial weights."""
     torch.manual_seed(int(seed))
     if init_from:
         built = DurianModel.from_pretrained(str(model_component(init_from)))
-        if model.motion_module and built.temporal is None:
+        if stage == 2 and model.motion_module and built.temporal is None:
             built.add_temporal_module(checkpoint=model.motion_module)
         return built
-    return model_from_config(model)
+    return model_from_config(model, stage)
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig
+) -> torch.optim.Optimizer:
+    """AdamW (its fused kernel on CUDA: in place, without the fp32 temporaries of the default
+    step — a copy of every trained parameter, ~10 GB in stage 1 at sd15 size); with
+    ``shard_optimizer`` in a data-parallel run of several workers, torch's
+    ZeroRedundancyOptimizer over it (each worker keeps 1/N of the moments, ZeRO-1)."""
+    fused = bool(params) and all(p.is_cuda for p in params)
+    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "fused": fused or None}
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if cfg.shard_optimizer and distributed:
+        with warnings.catch_warnings():  # its functional optimizers use deprecated torch.jit
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def half_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Keep the parameters the stage does not train in ``dtype`` (fp16/bf16, under autocast):
+    the VAE and CLIP in stage 1, everything but the motion module in stage 2. Trained
+    parameters stay fp32 for the optimizer. Returns the bytes saved."""
+    saved = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+                p.data = p.data.to(dtype)
+    return saved
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int = 0) -> torch.Generator:
@@ -198,8 +231,11 @@ class Trainer:
         model.set_stage(cfg.stage)
         if cfg.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
             model.enable_gradient_checkpointing()
+        self.amp_dtype = _amp_dtype(cfg.mixed_precision, self.device)
+        if self.amp_dtype is not None:
+            half_frozen(model, self.amp_dtype)
         self.params = list(model.trainable_parameters(cfg.stage))
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(self.params, cfg)
         # diffusers' schedules (constant, cosine, linear …), stepped once per optimiser step;
         # a pure function of the step, so a resumed run continues the same curve.
         self.lr_scheduler = get_scheduler(
@@ -214,10 +250,10 @@ class Trainer:
         self.loss_module: torch.nn.Module = LossModule(
             model, self.scheduler, cfg.noise_offset, weights
         )
-        self.amp_dtype = _amp_dtype(cfg.mixed_precision, self.device)
         fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
-        self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+        self.ema_device = "cpu" if cfg.ema_device == "cpu" else None
+        self.ema = EMA(model, cfg.ema_decay, device=self.ema_device) if cfg.ema else None
         self.source = batches if isinstance(batches, BatchSource) else None
         self._given = None if self.source is not None else batches
         self._stream: Iterator[dict[str, Any]] | None = None
@@ -240,7 +276,7 @@ class Trainer:
         at ``mask_bank`` when it exists): what ``flows/train.py`` runs in each Ray worker and
         ``benchmarks/learns_transfer.py`` runs per variant."""
         train = recipe.train
-        model = build_training_model(recipe.model, train.init_from, train.seed)
+        model = build_training_model(recipe.model, train.init_from, train.seed, train.stage)
         bank = MaskBank.load(mask_bank) if mask_bank and Path(mask_bank).exists() else None
         source = BatchSource(
             shards=list(shards),
@@ -261,9 +297,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str | Path) -> None:
+        """A checkpoint of what the run changes: the trained parameters (the frozen ones are
+        those the run started from), optimizer, EMA, scaler, step and data position."""
         save_training_state(
             directory,
-            self.model,
+            self.trained_weights(),
             self.optimizer,
             self.step,
             extra={
@@ -274,6 +312,17 @@ class Trainer:
             ema=self.ema.state_dict() if self.ema is not None else None,
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
         )
+
+    def gather_for_checkpoint(self) -> None:
+        """Collective, on every rank before rank 0 saves: a sharded optimizer's state is
+        gathered on rank 0 (ZeRO-1; nothing to do otherwise)."""
+        consolidate = getattr(self.optimizer, "consolidate_state_dict", None)
+        if consolidate is not None:  # ZeroRedundancyOptimizer
+            consolidate(to=0)
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The parameters this stage trains, by name (what a checkpoint holds)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load(self, directory: str | Path) -> dict[str, Any]:
         """Restore weights, optimizer, EMA, scaler, step and data position from a checkpoint."""
@@ -293,7 +342,7 @@ class Trainer:
             if ema is not None:
                 self.ema.load_state_dict(ema)
             else:  # EMA switched on mid-run: start averaging from the restored weights
-                self.ema = EMA(self.model, self.ema.decay)
+                self.ema = EMA(self.model, self.ema.decay, device=self.ema_device)
         if self.scaler is not None and (scaler := load_scaler(directory)) is not None:
             self.scaler.load_state_dict(scaler)
         data = state.get("data") or {}
@@ -377,9 +426,10 @@ class Trainer:
 
     def preview(self, batch: dict[str, Any]) -> np.ndarray:
         """The preview grid (see :mod:`durian.training.preview`) with the current weights."""
-        prediction = predict_x0(
-            self.model, self.scheduler, batch, self.preview_timestep, seed=self.seed
-        )
+        with self._autocast():  # frozen parts may be kept in half precision
+            prediction = predict_x0(
+                self.model, self.scheduler, batch, self.preview_timestep, seed=self.seed
+            )
         return preview_grid(batch, prediction)
 
 
@@ -394,9 +444,11 @@ def export_checkpoint(
     weights when the checkpoint has them and ``use_ema``, default ``recipe.train.ema``) with the
     recipe and its hash beside it; returns the checkpoint's state."""
     state = read_state(checkpoint_dir)
-    model = build_training_model(recipe.model, recipe.train.init_from, recipe.train.seed)
-    if int(state.get("stage", 1)) == 2:
-        model.set_stage(2)  # inserts the temporal module whose weights the checkpoint holds
+    stage = int(state.get("stage", 1))
+    model = build_training_model(
+        recipe.model, recipe.train.init_from, recipe.train.seed, stage
+    )  # the frozen weights: those the run started from
+    model.set_stage(stage)  # stage 2 inserts the temporal module whose weights it holds
     load_training_state(checkpoint_dir, model, restore_rng=False)
     use_ema = recipe.train.ema if use_ema is None else use_ema
     ema = load_ema(checkpoint_dir) if use_ema else None

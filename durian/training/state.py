@@ -38,7 +38,7 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_training_state(
     directory: str | Path,
-    model: torch.nn.Module,
+    weights: torch.nn.Module | dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer | None,
     step: int,
     extra: dict[str, Any] | None = None,
@@ -46,9 +46,12 @@ def save_training_state(
     ema: dict[str, torch.Tensor] | None = None,
     scaler: dict[str, Any] | None = None,
 ) -> None:
+    """``weights``: a model (all of it) or the named tensors a run changes (the rest is what the
+    run started from; :func:`load_training_state` loads them over it)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_cpu_tensors(model.state_dict()), str(directory / WEIGHTS))
+    tensors = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    save_file(_cpu_tensors(tensors), str(directory / WEIGHTS))
     if ema:
         save_file(_cpu_tensors(ema), str(directory / EMA_WEIGHTS))
     if optimizer is not None:
@@ -80,7 +83,7 @@ def load_ema(directory: str | Path) -> dict[str, torch.Tensor] | None:
 
 def load_scaler(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / SCALER
-    return torch.load(path, weights_only=True) if path.exists() else None
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 def load_training_state(
@@ -89,11 +92,25 @@ def load_training_state(
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Load weights (and optimizer, RNG) saved by :func:`save_training_state`; return its state."""
+    """Load weights (and optimizer, RNG) saved by :func:`save_training_state` over ``model``;
+    return its state. Every parameter ``model`` trains (``requires_grad``) must be in the file;
+    the others keep the values the run started from. Tensors are read onto the CPU and moved by
+    ``load_state_dict`` to each parameter's own device (every rank its own GPU)."""
     directory = Path(directory)
-    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    weights = load_file(str(directory / WEIGHTS))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    lacking = sorted(trained & set(missing))
+    if unexpected or lacking:
+        raise ValueError(
+            f"checkpoint {directory} does not match the model: {len(unexpected)} unexpected "
+            f"(e.g. {sorted(unexpected)[:3]}), {len(lacking)} trained parameters missing "
+            f"(e.g. {lacking[:3]})"
+        )
     if optimizer is not None and (directory / OPTIMIZER).exists():
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER, weights_only=True))
+        optimizer.load_state_dict(
+            torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
+        )
     if restore_rng and (directory / RNG).exists():
         # numpy's and python's states are tuples holding arrays/ints: not weights_only material,
         # but the file is our own, written next to the weights.

@@ -46,6 +46,31 @@ BATCH_KEYS = (
 TIMESTEP_BIAS_STRATEGIES = ("none", "later", "earlier")
 
 
+def random_training_batch(
+    batch: int, frames: int, size: int, seed: int = 0, attribute_rows: int | None = None
+) -> dict[str, torch.Tensor]:
+    """A batch in the loader's keys, shapes and ranges with random content (speed and memory
+    checks, tests): images in [-1, 1], the attribute region the top ``attribute_rows`` rows
+    (default a third), masked references as the loader makes them, no drops."""
+    g = torch.Generator().manual_seed(seed)
+
+    def img(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g) * 2 - 1
+
+    masks = torch.zeros(batch, 1, size, size)
+    masks[:, :, : size // 3 if attribute_rows is None else attribute_rows] = 1
+    return {
+        "target": img(batch, frames, 3, size, size),
+        "identity_ref": img(batch, 3, size, size) * (1 - masks) - masks,
+        "identity_mask": masks.clone(),
+        "attribute_ref": img(batch, 3, size, size) * masks - (1 - masks),
+        "attribute_mask": masks.clone(),
+        "keypoints": torch.rand(batch, frames, 3, size, size, generator=g),
+        "drop_identity": torch.zeros(batch, dtype=torch.bool),
+        "drop_attribute": torch.zeros(batch, dtype=torch.bool),
+    }
+
+
 def timestep_weights(
     num_timesteps: int, strategy: str = "none", multiplier: float = 1.0, portion: float = 0.25
 ) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ import torch
 from durian.models.durian_model import DurianModel
 from durian.models.profiles import build_model, make_noise_scheduler
 from durian.pipelines.pipeline_durian import DurianPipeline
+from durian.training.step import random_training_batch
 
 SIZE = 64
 
@@ -50,23 +51,7 @@ def keypoint_images(frames: int, seed: int = 7) -> np.ndarray:
 
 
 def training_batch(batch: int, frames: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-
-    def img(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=g) * 2 - 1
-
-    masks = torch.zeros(batch, 1, SIZE, SIZE)
-    masks[:, :, :24] = 1  # "hair" on top
-    return {
-        "target": img(batch, frames, 3, SIZE, SIZE),
-        "identity_ref": img(batch, 3, SIZE, SIZE) * (1 - masks) - masks,
-        "identity_mask": masks.clone(),
-        "attribute_ref": img(batch, 3, SIZE, SIZE) * masks - (1 - masks),
-        "attribute_mask": masks.clone(),
-        "keypoints": torch.rand(batch, frames, 3, SIZE, SIZE, generator=g),
-        "drop_identity": torch.zeros(batch, dtype=torch.bool),
-        "drop_attribute": torch.zeros(batch, dtype=torch.bool),
-    }
+    return random_training_batch(batch, frames, SIZE, seed, attribute_rows=24)  # "hair" on top
 
 
 @pytest.fixture(scope="module")
