@@ -21,7 +21,7 @@ from durian.evaluation.promotion import decide
 from flows.mlflow_adapter import client, start_run
 from flows.model_store import ModelNotFoundError, resolve_model
 from flows.project import paths, read_params, run_main, write_json
-from flows.stop import report_progress
+from flows.stop import on_forced_exit, report_progress
 
 PYFUNC = Path(__file__).with_name("pyfunc_model.py")
 DURIAN_PACKAGE = Path(__file__).resolve().parents[1] / "durian"
@@ -91,6 +91,18 @@ def restore_file(path: Path, content: bytes | None) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(content)
         tmp.replace(path)
+
+
+def names_whole_version(record: Path, name: str) -> bool:
+    """Whether ``record`` (registered.json) is absent or names a completed version of
+    ``name``."""
+    if not record.exists():
+        return True
+    try:
+        version = client().get_model_version(name, json.loads(record.read_text())["version"])
+    except (MlflowException, KeyError, ValueError):
+        return False
+    return version.tags.get(STATUS_TAG) == "complete"
 
 
 def rollback(name: str, version: str, previous: dict[str, str | None]) -> None:
@@ -169,8 +181,17 @@ def register_flow() -> dict[str, Any]:
         report_progress(f"model logged to MLflow run {run.info.run_id}; no version yet")
         previous = {alias: _alias_version(r.model_name, alias) for alias in ALIASES}
         before = p.registered.read_bytes() if p.registered.exists() else None
+
+        def undo() -> None:
+            """The stop ends the process by force mid-registration: what the except below
+            would have done (the main thread, stuck, may still be at it)."""
+            rollback_incomplete(r.model_name)
+            if not names_whole_version(p.registered, r.model_name):
+                restore_file(p.registered, before)
+
         try:
-            with registering(r.model_name, info.model_uri, previous) as version:
+            with on_forced_exit(undo), \
+                    registering(r.model_name, info.model_uri, previous) as version:
                 c.set_registered_model_alias(r.model_name, "candidate", version)
                 for k, v in metrics.items():
                     c.set_model_version_tag(r.model_name, version, f"{METRIC_TAG}{k}", str(v))

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -271,6 +272,63 @@ def test_register_stops_without_half_versions(tmp_path, prefect_engine):
     _stop_twice("register", project, env, 6.0, seeds=(5, 6), check=check)
     run(["python", "-m", "flows.register"], project, env=env)
     _check_registry(project, finished=True)
+
+
+# A step that never gives way to the stop: past the grace the watcher ends the process, and
+# first marks the MLflow run KILLED (what the main thread's unwinding would have done).
+STUCK = """
+import time
+from flows.mlflow_adapter import start_run
+from flows.stop import stop_deferred, stop_guard
+
+with stop_guard("stuck", grace_s=1.0), start_run("stuck"):
+    with stop_deferred():
+        print("stuck now", flush=True)
+        time.sleep(60)
+"""
+
+
+def test_forced_exit_leaves_no_run_running(tmp_path):
+    env = project_env(tmp_path)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    (tmp_path / "stuck.py").write_text(STUCK)  # a file: the traceback then shows its lines
+    stopped = interrupt(["stuck.py"], tmp_path, signal.SIGINT,
+                        lambda out: "stuck now" in out, 0.0, seed=0, env=env)  # fmt: skip
+    _report("stuck step", signal.SIGINT, stopped)
+    stopped.assert_stopped(signal.SIGINT)
+    assert stopped.exit_s < 1.0 + 3.0  # the grace, then the children's time at most
+    assert "the main thread was at" in stopped.output and "time.sleep(60)" in stopped.output
+    assert _mlflow_statuses(tmp_path) == ["KILLED"]
+
+
+# A stop whose KeyboardInterrupt Python drops: raised while a finalizer runs (garbage
+# collection can run one anywhere). It must still stop the process promptly, not at the grace.
+FINALIZED = """
+import os, signal, time
+from flows.stop import stop_guard
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # the handler runs in here; Python drops what it raises
+            pass
+
+with stop_guard("gc"):
+    Finalized()
+    time.sleep(30)
+"""
+
+
+def test_stop_raised_in_a_finalizer_is_not_lost(tmp_path):
+    (tmp_path / "finalized.py").write_text(FINALIZED)
+    env = project_env(tmp_path)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "finalized.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    took = time.monotonic() - start
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert took < 5.0 and "ending it now" not in done.stderr, (took, done.stderr)
 
 
 # ------------------------------------------------------------------------------------- serve
