@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import durian.models.temporal as temporal_module  # noqa: E402
+from durian.models.attention import grid_positions, locality_bias  # noqa: E402
 from durian.models.durian_model import DurianModel  # noqa: E402
 from durian.models.profiles import make_noise_scheduler, sd15_config, tiny_config  # noqa: E402
 from durian.training.loop import half_frozen  # noqa: E402
@@ -257,6 +258,24 @@ def measure_activations(
     """One training forward on fake tensors under autocast (see the module docstring);
     ``fake=False``: on real CPU tensors (the same count, for a model small enough to run)."""
     config = stage_config(config, stage)  # before the fake mode: it builds on meta
+    try:
+        return _measure(config, stage, batch, frames, checkpointing, amp_dtype, fake)
+    finally:
+        # The attention module caches its position codes and locality biases per shape:
+        # fake tensors cached here must not reach a later real forward in this process.
+        grid_positions.cache_clear()
+        locality_bias.cache_clear()
+
+
+def _measure(
+    config: dict[str, Any],
+    stage: int,
+    batch: int,
+    frames: int,
+    checkpointing: bool,
+    amp_dtype: torch.dtype,
+    fake: bool,
+) -> Activations:
     # Non-fake inputs: the noise scheduler's tables, real CPU tensors, enter the forward.
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
     with mode:

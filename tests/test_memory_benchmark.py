@@ -90,3 +90,15 @@ def test_fake_tensor_count_follows_a_real_forward() -> None:
     assert real.segment == fake.segment == "BasicTransformerBlock"
     assert abs(fake.saved - real.saved) <= 0.01 * real.saved, (fake, real)
     assert abs(fake.recompute - real.recompute) <= 0.01 * real.recompute, (fake, real)
+
+
+def test_no_fake_tensor_outlives_the_measurement(report: dict) -> None:
+    """The attention caches filled during a fake forward are emptied: a later real forward in
+    the same process (the rest of the test suite, a notebook) gets real tensors."""
+    from durian.models.attention import grid_positions, locality_bias
+
+    assert grid_positions.cache_info().currsize == 0
+    assert locality_bias.cache_info().currsize == 0
+    codes = grid_positions(16, 1.0, 8)
+    assert codes.sum().item() == codes.sum().item()  # a real tensor has a value
+    grid_positions.cache_clear()
