@@ -246,6 +246,18 @@ def synthetic_batch(batch: int, frames: int, size: int) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _no_cached_fakes() -> Iterator[None]:
+    """The attention module caches its position codes and locality biases per shape: fake
+    tensors cached during the measurement must not reach a later real forward in this
+    process."""
+    try:
+        yield
+    finally:
+        grid_positions.cache_clear()
+        locality_bias.cache_clear()
+
+
 def measure_activations(
     config: dict[str, Any],
     stage: int,
@@ -258,24 +270,6 @@ def measure_activations(
     """One training forward on fake tensors under autocast (see the module docstring);
     ``fake=False``: on real CPU tensors (the same count, for a model small enough to run)."""
     config = stage_config(config, stage)  # before the fake mode: it builds on meta
-    try:
-        return _measure(config, stage, batch, frames, checkpointing, amp_dtype, fake)
-    finally:
-        # The attention module caches its position codes and locality biases per shape:
-        # fake tensors cached here must not reach a later real forward in this process.
-        grid_positions.cache_clear()
-        locality_bias.cache_clear()
-
-
-def _measure(
-    config: dict[str, Any],
-    stage: int,
-    batch: int,
-    frames: int,
-    checkpointing: bool,
-    amp_dtype: torch.dtype,
-    fake: bool,
-) -> Activations:
     # Non-fake inputs: the noise scheduler's tables, real CPU tensors, enter the forward.
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
     with mode:
@@ -293,6 +287,7 @@ def _measure(
     largest: dict[str, Any] = {"bytes": 0, "segment": ""}
     scheduler = make_noise_scheduler("ddpm", prediction_type=model.config.prediction_type)
     with (
+        _no_cached_fakes(),
         mode,
         _segments_measured(saved, largest),
         torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t),
