@@ -12,12 +12,14 @@ people hold (``tests/fixtures/checkpoints``): an SD image-variations folder (``u
 ``image_encoder/`` as ``CLIPVisionModelWithProjection``, ``feature_extractor/``, ``scheduler/``)
 and AnimateDiff's original ``mm_sd_v15_v2.ckpt`` (its 588 tensor names and shapes). The model is
 then built the way ``durian run`` builds it (``ModelConfig`` → ``model_from_config`` →
-``Trainer``): the motion module is read for stage 2 only, the frozen parts are kept in half
-precision under autocast, gradient checkpointing covers the motion modules.
+``Trainer``) with the training settings of ``params/paper.yaml`` (its memory strategy: EMA
+device, gradient checkpointing; the batch and precision are the flags'): the motion module is
+read for stage 2 only, the frozen parts are kept in half precision under autocast, gradient
+checkpointing covers the motion modules.
 
 Needs torch, transformers, accelerate, safetensors (in the usual GPU images) and the wheels
 durian imports beyond them: diffusers, pydantic (+ pydantic-core, annotated-types,
-typing-inspection), webdataset (+ braceexpand) and av — not the project's venv.
+typing-inspection), webdataset (+ braceexpand), av and pyyaml — not the project's venv.
 """
 
 from __future__ import annotations
@@ -213,9 +215,10 @@ def main() -> None:
     from durian.models.config import ModelConfig
     from durian.models.profiles import model_from_config, noise_scheduler_for
     from durian.pipelines.pipeline_durian import DurianPipeline
-    from durian.training.config import TrainConfig
+    from durian.training.config import TrainConfig, library_fields
     from durian.training.loop import Trainer
     from durian.training.step import random_training_batch
+    from flows.params import load_params  # the project's params files (no Prefect/Ray import)
 
     diffusers_logging.disable_progress_bar()  # one line per phase, not per weight file
     transformers_logging.disable_progress_bar()
@@ -239,10 +242,16 @@ def main() -> None:
         profile="sd15", resolution=res, pretrained=str(paths["base"]),
         motion_module=str(paths["mm"]),
     )  # fmt: skip
-    train = TrainConfig(  # params/paper.yaml's optimisation settings
-        steps=1000, lr=1e-5, mixed_precision=precision, gradient_checkpointing=True,
-        batch_size=batch, ema=True, noise_offset=0.05,
+    # The paper run's optimisation and memory strategy as params/paper.yaml sets them (EMA
+    # device, checkpointing, …); the batch, precision and budget are this run's.
+    paper = load_params(ROOT / "params" / "paper.yaml", {})
+    train = TrainConfig.model_validate(library_fields(paper.train, TrainConfig)).model_copy(
+        update={"stage": 1, "steps": 1000, "batch_size": batch, "mixed_precision": precision,
+                "init_from": None, "grad_accum": 1}
     )  # fmt: skip
+    print(f"paper.yaml strategy: ema {train.ema} on {train.ema_device}, gradient checkpointing "
+          f"{train.gradient_checkpointing}, shard_optimizer {train.shard_optimizer} (one "
+          "process: no effect)", flush=True)  # fmt: skip
 
     def stage1() -> dict[str, Any]:
         t0 = time.perf_counter()
