@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -92,6 +93,15 @@ def _left_running(project: Path) -> list[str]:
     return left
 
 
+def _of_project(proc: psutil.Process, project: Path) -> bool:
+    """Whether ``proc`` names the project in its command line or its environment."""
+    with contextlib.suppress(psutil.Error):
+        if str(project) in " ".join(proc.info.get("cmdline") or proc.cmdline() or []):
+            return True
+        return any(str(project) in value for value in proc.environ().values())
+    return False
+
+
 # ------------------------------------------------------------------------------------- train
 def _check_checkpoints(project: Path) -> int | None:
     """Every checkpoint folder is one Ray recorded, whole; returns the latest recorded step."""
@@ -146,11 +156,13 @@ def test_train_stopped_or_killed_resumes_and_leaves_no_ray_process(tmp_path, pre
 
     interrupt(["-m", "flows.train"], project, signal.SIGKILL,
               lambda _: recorded_step() > step, 0.0, seed=0, env=env, group_wait_s=0)
-    # With their children: the train workers' command lines (``ray::…``) do not name the
-    # project, and a worker outliving its raylet could still record a checkpoint.
+    # Every process of the run, orphans included: the train workers' command lines
+    # (``ray::…``) do not name the project, and one whose raylet died with the driver's group
+    # is no one's child any more, yet it could still record a checkpoint. They all carry the
+    # project in their environment (the driver's MLflow and Prefect paths, inherited).
     doomed = []
     for proc in psutil.process_iter(["cmdline"]):
-        if str(project) in " ".join(proc.info["cmdline"] or []):
+        if proc.pid != os.getpid() and _of_project(proc, project):
             with contextlib.suppress(psutil.Error):
                 doomed += [proc, *proc.children(recursive=True)]
     for proc in doomed:
