@@ -25,6 +25,7 @@ typing-inspection), webdataset (+ braceexpand), av and pyyaml — not the projec
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -83,16 +84,6 @@ def write_base_folder(out: Path, tiny: bool = False, device: str = "cpu") -> Pat
     return folder
 
 
-def sinusoid(length: int, dim: int) -> torch.Tensor:
-    """AnimateDiff's position table (the published files hold it as ``pos_encoder.pe``)."""
-    position = torch.arange(length).unsqueeze(1)
-    div = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(1, length, dim)
-    pe[0, :, 0::2] = torch.sin(position * div)
-    pe[0, :, 1::2] = torch.cos(position * div)
-    return pe
-
-
 def motion_module_shapes(tiny: bool = False) -> dict[str, list[int]]:
     """The published ``mm_sd_v15_v2.ckpt`` tensor shapes by name (``tiny``: widths / 10)."""
     keys = json.loads((LAYOUTS / f"{MOTION_MODULE}.json").read_text())["keys"]
@@ -106,11 +97,14 @@ def motion_module_shapes(tiny: bool = False) -> dict[str, list[int]]:
 
 def write_motion_module(out: Path, tiny: bool = False, seed: int = 0) -> Path:
     """Random weights under the published names and shapes, saved as the original ``.ckpt``."""
+    from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in motion_module_shapes(tiny).items():
         if key.endswith("pos_encoder.pe"):
-            state[key] = sinusoid(shape[1], shape[2])
+            # AnimateDiff's table, the one diffusers' adapter computes (as published).
+            state[key] = SinusoidalPositionalEmbedding(shape[2], shape[1]).pe
         else:
             state[key] = torch.randn(shape, generator=g) * 0.02
     path = out / f"{MOTION_MODULE}.ckpt"
@@ -119,11 +113,6 @@ def write_motion_module(out: Path, tiny: bool = False, seed: int = 0) -> Path:
 
 
 # ----------------------------------------------------------------------------- batches
-def repeat_batches(batch: dict[str, torch.Tensor]):
-    while True:
-        yield batch
-
-
 # ----------------------------------------------------------------------------- phases
 class Report:
     def __init__(self, device: torch.device) -> None:
@@ -257,7 +246,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model = model_from_config(config, stage=1)
         load_s = time.perf_counter() - t0
-        data = repeat_batches(random_training_batch(batch, 1, res))
+        data = itertools.repeat(random_training_batch(batch, 1, res))
         trainer = Trainer(model, data, train, device=device)
         n_train = sum(p.numel() for p in trainer.params)
         info = {"load_s": round(load_s, 1), "trainable_M": round(n_train / 1e6, 1)}
@@ -276,7 +265,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model = model_from_config(config, stage=2)
         load_s = time.perf_counter() - t0
-        data = repeat_batches(random_training_batch(batch2, frames, res))
+        data = itertools.repeat(random_training_batch(batch2, frames, res))
         trainer = Trainer(model, data, train2, device=device)
         info = {"load_s": round(load_s, 1),
                 "trainable_M": round(sum(p.numel() for p in trainer.params) / 1e6, 1)}  # fmt: skip
@@ -295,7 +284,7 @@ def main() -> None:
 
     def resume() -> dict[str, Any]:
         model = model_holder.pop("model")
-        data = repeat_batches(random_training_batch(batch2, frames, res, seed=1))
+        data = itertools.repeat(random_training_batch(batch2, frames, res, seed=1))
         # A fresh trainer over the same model object (its weights perturbed first): the load
         # must bring back the checkpoint's weights, optimizer state and step.
         with torch.no_grad():

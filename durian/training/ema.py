@@ -18,6 +18,8 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from durian.training.state import trained_parameters
+
 _UPDATES = "__ema_updates__"
 
 
@@ -35,7 +37,7 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
         self.warmup = warmup
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.names = list(trained_parameters(model))
         if not self.names:
             raise ValueError("EMA of a model with no trainable parameter")
         params = self._params(model)

@@ -45,6 +45,7 @@ from durian.training.state import (
     load_training_state,
     read_state,
     save_training_state,
+    trained_parameters,
 )
 from durian.training.step import timestep_weights, training_loss
 
@@ -83,17 +84,14 @@ def make_optimizer(
     return torch.optim.AdamW(params, **kwargs)
 
 
-def half_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
+def half_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Keep the parameters the stage does not train in ``dtype`` (fp16/bf16, under autocast):
     the VAE and CLIP in stage 1, everything but the motion module in stage 2. Trained
-    parameters stay fp32 for the optimizer. Returns the bytes saved."""
-    saved = 0
+    parameters stay fp32 for the optimizer."""
     with torch.no_grad():
         for p in model.parameters():
             if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-                saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
                 p.data = p.data.to(dtype)
-    return saved
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int = 0) -> torch.Generator:
@@ -322,7 +320,7 @@ class Trainer:
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
         """The parameters this stage trains, by name (what a checkpoint holds)."""
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return trained_parameters(self.model)
 
     def load(self, directory: str | Path) -> dict[str, Any]:
         """Restore weights, optimizer, EMA, scaler, step and data position from a checkpoint."""

@@ -31,6 +31,12 @@ STATE = "state.json"
 RNG = "rng.pt"
 
 
+def trained_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters the model's current stage trains (``requires_grad``), by name: what a
+    checkpoint and the EMA hold."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage and non-contiguous views: give each its own copy.
     return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
@@ -99,8 +105,7 @@ def load_training_state(
     directory = Path(directory)
     weights = load_file(str(directory / WEIGHTS))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    lacking = sorted(trained & set(missing))
+    lacking = sorted(set(trained_parameters(model)) & set(missing))
     if unexpected or lacking:
         raise ValueError(
             f"checkpoint {directory} does not match the model: {len(unexpected)} unexpected "

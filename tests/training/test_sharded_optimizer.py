@@ -4,6 +4,7 @@ on both workers with the same state."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import sys
@@ -40,8 +41,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _train(rank: int, sharded: bool, out: Path) -> None:
-    from gpu_smoke import repeat_batches
-
     from durian.models.profiles import build_model
     from durian.training.config import TrainConfig
     from durian.training.loop import Trainer
@@ -52,7 +51,7 @@ def _train(rank: int, sharded: bool, out: Path) -> None:
     def trainer() -> Trainer:
         torch.manual_seed(0)  # the same initial weights on every rank
         model = build_model("tiny", resolution=SIZE)
-        batches = repeat_batches(random_training_batch(1, 1, SIZE, seed=rank))
+        batches = itertools.repeat(random_training_batch(1, 1, SIZE, seed=rank))
         t = Trainer(model, batches, cfg, rank=rank)
         t.wrap(lambda m: DistributedDataParallel(
             m, find_unused_parameters=True, gradient_as_bucket_view=True))  # fmt: skip
