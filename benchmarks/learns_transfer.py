@@ -208,11 +208,9 @@ def train_all(shards: list[str], bank: Path, args: argparse.Namespace) -> dict[s
 
 
 def load_variant(out: Path, variant: str, device: str = "cpu") -> Any:
-    from durian.models.durian_model import DurianModel
-    from durian.pipelines.pipeline_durian import model_component
+    from durian.pipelines.pipeline_durian import load_model
 
-    folder = model_component(out / "models" / variant)
-    return DurianModel.from_pretrained(str(folder)).to(device).eval()
+    return load_model(out / "models" / variant).to(device).eval()
 
 
 # ----------------------------------------------------------------------------- evaluation

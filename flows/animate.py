@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, metavar="K")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
+        "--arcface-model", metavar="ONNX",
+        help="ArcFace ONNX file, for a model trained on ArcFace identity embeddings",
+    )  # fmt: skip
+    parser.add_argument(
         "--side-by-side", action="store_true", help="portrait | attributes | driving | result"
     )
     parser.set_defaults(func=cmd_animate)
@@ -120,6 +124,7 @@ def run(args: argparse.Namespace) -> Path:
         guidance=args.guidance,
         seed=args.seed,
         side_by_side=args.side_by_side,
+        arcface_model=args.arcface_model,
     )
     write_video(out, result.frames, result.fps)
     return out

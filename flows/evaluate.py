@@ -56,6 +56,9 @@ from durian.evaluation.perceptual import (
     load_perceptual,
 )
 from durian.evaluation.side_by_side import preview_row, side_by_side_frames
+from durian.inference.errors import DurianInputError
+from durian.inference.prepare import portrait_identity
+from durian.models.config import identity_embedder_of
 from durian.pipelines.pipeline_durian import DurianPipeline, load_durian_pipeline
 from flows.eval_cases import cross_identity_cases
 from flows.mlflow_adapter import start_run
@@ -127,6 +130,8 @@ class Evaluators:
 
     perceptual: PerceptualModels
     embedder: FaceEmbedder | None = None
+    # The face embedder whose embedding of the portrait the model reads (None: CLIP's own).
+    model_identity: FaceEmbedder | None = None
     clip: ClipImageEncoder | None = None
     video_dir: Path | None = None
     skipped: dict[str, str] = field(default_factory=dict)
@@ -157,6 +162,20 @@ def load_evaluators(e: EvaluateParams, root: Path, video_dir: Path | None) -> Ev
         except Exception as err:  # noqa: BLE001
             ev.skipped["attr_clip_sim"] = f"CLIP image encoder unavailable: {err}"
     return ev
+
+
+def model_identity_embedder(
+    pipe: DurianPipeline, e: EvaluateParams, root: Path, metric: FaceEmbedder | None
+) -> FaceEmbedder | None:
+    """The embedder of the identity embedding the model reads (the id_sim metric's when it is
+    the same kind); None for a model that embeds the portrait with CLIP. A model whose
+    embedder cannot be had cannot be evaluated: that raises."""
+    kind = identity_embedder_of(pipe.model.config)
+    if kind is None:
+        return None
+    if metric is not None and metric.name == kind:
+        return metric
+    return make_embedder(kind, _local(e.arcface_model, root))
 
 
 @dataclass
@@ -241,7 +260,17 @@ def run_cases(
     per_case, rows = [], []
     feats = SetFeatures()
     reasons: dict[str, list[str]] = {}
+    skipped_cases = ""
     for i, case in enumerate(cases):
+        identity = None
+        if ev.model_identity is not None:
+            try:
+                identity = torch.from_numpy(
+                    portrait_identity(ev.model_identity, case.portrait, "portrait")
+                )
+            except DurianInputError as err:
+                skipped_cases = f"left out: {err}"
+                continue
         generator = torch.Generator().manual_seed(e.seed + i)
         output = pipe(
             case.portrait,
@@ -253,6 +282,7 @@ def run_cases(
             guidance_scale=e.guidance,
             generator=generator,
             window=None,
+            identity_embedding=identity,
         ).frames
         motion = motion_error(case, output_landmarks(analyzer, output, FPS), output.shape[1])
         extra, why = optional_case_metrics(case, output, ev, e, feats)
@@ -276,6 +306,8 @@ def run_cases(
                 side_by_side_frames(case, output),
                 FPS,
             )
+    if skipped_cases:  # one fixed reason, so skip_reasons counts the cases
+        reasons["cases"] = [skipped_cases] * (len(cases) - len(per_case))
     set_values, set_why = set_metrics(feats, ev)
     for k, r in set_why.items():
         reasons.setdefault(k, []).append(r)
@@ -341,6 +373,7 @@ def evaluate_flow() -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="durian-eval-") as tmp:
         video_dir = Path(tmp) / "videos" if e.videos else None
         ev = load_evaluators(e, p.root, video_dir)
+        ev.model_identity = model_identity_embedder(pipe, e, p.root, ev.embedder)
         with FaceAnalyzer() as analyzer:
             per_case, rows, set_values, reasons = run_cases(pipe, cases, e, "self", analyzer, ev)
             xid_per_case, xid_rows, xid_set_values, xid_reasons = run_cases(
@@ -350,7 +383,7 @@ def evaluate_flow() -> dict[str, float]:
         xid_means = mean_metrics(xid_per_case) | xid_set_values
         metrics = dict(self_means)
         metrics |= {f"xid_{k}": v for k, v in xid_means.items()}
-        metrics |= {"num_cases": len(cases), "num_xid_cases": len(xid_cases)}
+        metrics |= {"num_cases": len(per_case), "num_xid_cases": len(xid_per_case)}
         # Skips: the metrics nothing could compute, then per set those no case could measure.
         skipped = dict(ev.skipped)
         skipped |= skip_reasons(self_means, reasons)

@@ -7,13 +7,14 @@
 registered version is the MLflow pyfunc of ``flows/register.py``; MLflow resolves the alias and
 downloads the version, and the pyfunc's ``model`` artifact is the folder. Registered versions
 never change, so each is downloaded once, into ``<project>/.durian/models/NAME/vVERSION`` (or the
-``cache`` given), and a new alias target is a new folder.
+``cache`` given), and a new alias target is a new folder. A version's frozen components (VAE,
+image encoder) are stored once in MLflow (``flows/component_store.py``): downloaded once into
+``<project>/.durian/components/<sha256>/`` and linked from every version folder that uses them.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 REGISTRY_SCHEME = "models:/"
@@ -74,18 +75,13 @@ def _download(name: str, version: str, target: Path) -> None:
     """MLflow's download of one registered version into ``target``, whole or not at all."""
     import mlflow
 
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    from durian.pipelines.components import fetch_whole
+
+    def download(tmp: Path) -> Path:
         mlflow.artifacts.download_artifacts(f"{REGISTRY_SCHEME}{name}/{version}", dst_path=str(tmp))
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # else another process put the same version there first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return tmp
+
+    fetch_whole(target, download)
 
 
 def resolve_model(ref: str | os.PathLike, cache: Path | None = None) -> Path:
@@ -103,13 +99,15 @@ def resolve_model(ref: str | os.PathLike, cache: Path | None = None) -> Path:
             raise not_found(text, "not a Durian model folder: no model_index.json or config.json")
         return folder
 
+    from mlflow.exceptions import MlflowException
+
+    from durian.pipelines.components import complete_pipeline_folder
     from flows.env import project_dir
+    from flows.pyfunc_model import fetch_artifacts
 
     name, version = _registry_version(text)
     target = (cache or project_dir() / ".durian" / "models" / name) / f"v{version}"
     if not target.is_dir():
-        from mlflow.exceptions import MlflowException
-
         try:
             _download(name, version, target)
         except MlflowException as err:
@@ -117,16 +115,18 @@ def resolve_model(ref: str | os.PathLike, cache: Path | None = None) -> Path:
     folder = _loadable(target)
     if folder is None:
         raise not_found(text, f"{name} v{version} has no 'model' artifact")
-    return folder
+    try:  # frozen components are stored once: shared by every version that uses them
+        return complete_pipeline_folder(
+            folder, fetch_artifacts, project_dir() / ".durian" / "components"
+        )
+    except MlflowException as err:
+        raise not_found(text, str(err.message).strip().splitlines()[0]) from None
 
 
 def finetune_start(model_name: str, cache: Path) -> Path | None:
-    """``train.retrain: finetune``: the ``DurianModel`` folder of the registered @champion
-    (kept in ``cache/vN``), or None while there is no champion (the run trains from scratch)."""
-    from durian.pipelines.pipeline_durian import model_component
-
+    """``train.retrain: finetune``: the folder of the registered @champion (kept in
+    ``cache/vN``), or None while there is no champion (the run trains from scratch)."""
     try:
-        folder = resolve_model(f"{REGISTRY_SCHEME}{model_name}@champion", cache)
+        return resolve_model(f"{REGISTRY_SCHEME}{model_name}@champion", cache)
     except NotRegisteredError:
         return None
-    return model_component(folder)

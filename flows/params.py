@@ -104,6 +104,10 @@ class PreprocessParams(CropConfig):
     # true: append shards for clips not yet in the index, resume after a crash (a change of the
     # sample-shaping params or of the preprocessing code rebuilds); false: rebuild every run.
     incremental: bool = True
+    # The clip's identity embedding stored in the shards (identity.npy) for models with
+    # model.identity_embedding dlib / arcface: dlib (offline), arcface:<local .onnx, relative to
+    # the project> (needs onnxruntime) or none.
+    identity_embedder: str = Field("dlib", pattern=r"^(dlib|none|arcface:.+)$")
 
 
 class ShardParams(_Section):
@@ -155,7 +159,8 @@ class EvaluateParams(_Section):
     metric_weights: str | None = None
     lpips_net: Literal["alex", "vgg"] = "alex"
     # Identity similarity to the portrait: dlib (ships with face-recognition-models), arcface
-    # (a local ONNX in arcface_model, needs onnxruntime) or none.
+    # (a local ONNX in arcface_model, needs onnxruntime) or none. arcface_model is also the
+    # ONNX file a model with model.identity_embedding arcface is evaluated with.
     identity: Literal["dlib", "arcface", "none"] = "dlib"
     arcface_model: str | None = None
     identity_frames: int = Field(4, ge=0)  # output frames per case embedded (dlib ~0.1 s); 0 = all

@@ -1,5 +1,12 @@
 """Stage ``preprocess``: every clip of the manifest → face track → square crop → 478 landmarks
-→ face parsing → one WebDataset sample; shards split by source video, plus a Parquet index.
+→ face parsing → identity embedding → one WebDataset sample; shards split by source video, plus
+a Parquet index.
+
+The identity embedding (``preprocess.identity_embedder``: dlib, arcface:<onnx path> or none) is
+computed on one frame of the crop (:func:`preprocessing.identity.clip_identity`: the middle
+one, else the next tried frame where the embedder finds a face) and stored as ``identity.npy``;
+a clip where no tried frame shows a face still lands, without it (``identity_frame`` None in
+its ``json``; counted as ``identity_missing`` in the summary).
 
 One Prefect task per video (retried ``preprocess.retries`` times on I/O errors, with backoff;
 at most ``preprocess.workers`` at a time; cached on the video's content + clips + params).
@@ -42,6 +49,7 @@ import durian.data.clip_codec as clip_lib
 import durian.data.masks as masks_lib
 import preprocessing.crop as process_lib
 import preprocessing.faces as faces_lib
+import preprocessing.identity as identity_lib
 import preprocessing.parsing as parsing_lib
 import preprocessing.shards as shards_lib
 import preprocessing.video as video_lib
@@ -53,6 +61,7 @@ from flows.retries import with_retries
 from flows.stop import report_progress, stop_deferred
 from preprocessing.crop import process_clip
 from preprocessing.faces import ClipRejected, FaceAnalyzer
+from preprocessing.identity import clip_identity, embedder_for, parse_embedder_spec
 from preprocessing.incremental import (
     fingerprint,
     orphan_shards,
@@ -75,7 +84,7 @@ NOT_IN_FINGERPRINT = frozenset(
     {"runner", "workers", "retries", "ray_address", "incremental", "parser_check"}
 )
 CODE = [clip_lib.__file__, masks_lib.__file__, faces_lib.__file__, parsing_lib.__file__,
-        process_lib.__file__, video_lib.__file__, shards_lib.__file__]
+        process_lib.__file__, video_lib.__file__, shards_lib.__file__, identity_lib.__file__]
 
 
 def ground_truth_for(video: str, source_indices: np.ndarray, shape: tuple[int, int]):
@@ -100,6 +109,7 @@ def process_video(clips: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str,
         if hasattr(parser, "__exit__"):  # mediapipe-backed parsers hold native resources
             stack.enter_context(parser)
         analyzer = stack.enter_context(FaceAnalyzer())
+        embedder = embedder_for(cfg["identity_embedder"])
         for clip in clips:
             base = {"clip_id": clip["clip_id"], "video_id": clip["video_id"], "path": clip["path"]}
             try:
@@ -135,11 +145,26 @@ def process_video(clips: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str,
                 "attribute_fractions": category_fractions(out.parsing),
                 **out.meta(),
             }
+            identity = None
+            if embedder is not None:
+                identity, meta["identity_frame"] = clip_identity(out.frames, embedder)
+                meta["identity_embedder"] = embedder.name
             sample = encode_clip(
-                clip["clip_id"], Clip(out.frames, out.parsing, out.landmarks, meta), crf=cfg["crf"]
+                clip["clip_id"], Clip(out.frames, out.parsing, out.landmarks, meta, identity),
+                crf=cfg["crf"],
             )
-            samples.append({"split": split, "sample": sample})
+            samples.append({"split": split, "sample": sample,
+                            "identity_missing": embedder is not None and identity is None})
     return {"samples": samples, "rejected": rejected, "agreement": agreement}
+
+
+def identity_setting(spec: str, root: Path) -> str:
+    """``preprocess.identity_embedder`` with an ArcFace model path made absolute (relative
+    paths are the project's), so every worker reads the same file."""
+    kind, path = parse_embedder_spec(spec)
+    if path is None or Path(path).is_absolute():
+        return spec
+    return f"{kind}:{root / path}"
 
 
 def preprocess_fingerprint(cfg: dict[str, Any]) -> str:
@@ -226,6 +251,7 @@ class IncrementalShards:
         self.rejected = {r["clip_id"]: r for r in rejected}
         self.buffer: dict[str, list[dict]] = defaultdict(list)
         self.added_samples = 0
+        self.identity_missing = 0  # added samples whose clip showed the embedder no face
         self.duplicates_dropped = 0
         self.new_shards: list[str] = []
         self.new_rejected: list[dict] = []
@@ -257,6 +283,7 @@ class IncrementalShards:
                 for split, n in sorted(counts.items()):
                     for s in self.buffer[split][:n]:
                         writer.write(s["sample"], split=split)
+                        self.identity_missing += bool(s.get("identity_missing"))
                     self.buffer[split] = self.buffer[split][n:]
             self.index.extend(writer.records)
             self.done.update(r["key"] for r in writer.records)
@@ -327,6 +354,9 @@ def preprocess_flow() -> dict[str, Any]:
         "ray_address": params.train.ray_address,
     }
     cfg["fingerprint"] = fp = preprocess_fingerprint(cfg)
+    # Resolved after the fingerprint: moving the project folder changes no sample.
+    cfg["identity_embedder"] = identity_setting(cfg["identity_embedder"], p.root)
+    embedder_for(cfg["identity_embedder"])  # a missing model or onnxruntime fails here, once
     with file_lock(lock_path("preprocess"), timeout_s=600, what="preprocess"):
         index, rejected, why = open_shard_folder(p.shards, fp, params.preprocess.incremental)
         clips = read_parquet(p.clips_manifest)
@@ -368,7 +398,8 @@ def preprocess_flow() -> dict[str, Any]:
     print(f"preprocess: {summary['videos_processed']} videos processed, "
           f"{summary['videos_skipped']} skipped (done), {summary['videos_failed']} failed; "
           f"+{summary['samples_added']} samples in {summary['shards_added']} new shards, "
-          f"{summary['rejected_added']} clips rejected {summary['rejected_by_reason'] or ''}; "
+          f"{summary['rejected_added']} clips rejected {summary['rejected_by_reason'] or ''}, "
+          f"{summary['identity_missing']} added without an identity embedding (no face found); "
           f"{summary['samples']} samples in {summary['shards']} shards")
     return summary
 
@@ -386,6 +417,7 @@ def preprocess_summary(shards: IncrementalShards, n_videos: int, n_todo: int,
         "videos_failed": len(failed),
         "failed": failed,
         "samples_added": shards.added_samples,
+        "identity_missing": shards.identity_missing,
         "shards_added": len(shards.new_shards),
         "new_shards": shards.new_shards,
         "rejected_added": len(shards.new_rejected),

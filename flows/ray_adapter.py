@@ -4,15 +4,20 @@ that stays on 127.0.0.1 with its temp dir inside the project."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
+from pydantic.warnings import PydanticDeprecatedSince20
 
 from flows.env import local_ray_home, ray_temp_dir
+
+if TYPE_CHECKING:
+    from ray.train import Result
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -85,29 +90,65 @@ def shutdown_now(grace_s: float = 2.0) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-def recorded_checkpoints(run_dir: Path) -> set[str] | None:
-    """The checkpoint folders Ray Train recorded for a run (its manager snapshot), None when
-    there is no readable snapshot."""
-    try:
-        snapshot = json.loads((run_dir / SNAPSHOT).read_text())
-        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
-    except (OSError, ValueError, KeyError, TypeError):
+class UnreadableRunRecord(RuntimeError):
+    """Ray Train's record of a run exists but cannot be read (cut short by a crash)."""
+
+
+def run_record(run_dir: Path) -> Result | None:
+    """Ray Train's own record of a run folder, through its public ``Result.from_path``: the
+    latest recorded checkpoint with the metrics reported with it, and every checkpoint Ray
+    keeps (``best_checkpoints``). None while Ray has recorded nothing there; raises
+    :class:`UnreadableRunRecord` when the record is there but broken."""
+    from ray.train import Result
+
+    if not run_dir.is_dir():
         return None
+    try:
+        with warnings.catch_warnings():
+            # Ray reads its record with pydantic's V1 ``parse_obj``: not ours to fix.
+            warnings.simplefilter("ignore", PydanticDeprecatedSince20)
+            return Result.from_path(run_dir)
+    except RuntimeError:  # from_path's answer to "no folder" and "no record in it"
+        return None
+    except Exception as err:
+        raise UnreadableRunRecord(f"Ray Train's record in {run_dir} cannot be read: {err}") from err
+
+
+def latest_reported_step(run_dir: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train recorded for a run (None: a fresh run or an
+    unreadable record)."""
+    try:
+        record = run_record(run_dir)
+    except UnreadableRunRecord:
+        return None
+    if record is None or not record.metrics or "step" not in record.metrics:
+        return None
+    return int(record.metrics["step"])
+
+
+def recorded_checkpoints(run_dir: Path) -> set[str] | None:
+    """The names of the checkpoint folders Ray Train recorded for a run; None when it has
+    recorded none. Raises :class:`UnreadableRunRecord`."""
+    record = run_record(run_dir)
+    if record is None:
+        return None
+    return {Path(checkpoint.path).name for checkpoint, _ in record.best_checkpoints or []}
 
 
 def prune_unrecorded_checkpoints(run_dir: Path) -> list[str]:
     """Remove checkpoint folders Ray Train did not record as complete; returns their names.
 
-    Ray copies a checkpoint into storage file by file and records it in its snapshot only
-    once every rank has reported, and deletes old ones after the snapshot moved on: a stop
+    Ray copies a checkpoint into storage file by file and records it (its run record) only
+    once every rank has reported, and deletes old ones after the record moved on: a stop
     during either leaves a partial folder that no resume would use and no retention would
     remove. Only call it while no worker of the run is alive (before ``fit``, after
     :func:`shutdown_now`)."""
     if not run_dir.is_dir():
         return []
-    recorded = recorded_checkpoints(run_dir)
-    if recorded is None and (run_dir / SNAPSHOT).exists():
-        return []  # unreadable snapshot: never guess which folders are whole
+    try:
+        recorded = recorded_checkpoints(run_dir)
+    except UnreadableRunRecord:
+        return []  # never guess which folders are whole
     removed = []
     for folder in sorted(run_dir.glob("checkpoint_*")):
         if folder.is_dir() and folder.name not in (recorded or set()):
@@ -115,5 +156,3 @@ def prune_unrecorded_checkpoints(run_dir: Path) -> list[str]:
             removed.append(folder.name)
     return removed
 
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,16 @@ from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 
 from durian.evaluation.promotion import decide
+from flows.component_store import without_frozen
 from flows.mlflow_adapter import client, start_run
 from flows.model_store import ModelNotFoundError, resolve_model
 from flows.project import paths, read_params, run_main, write_json
 from flows.stop import on_forced_exit, report_progress
 
 PYFUNC = Path(__file__).with_name("pyfunc_model.py")
-DURIAN_PACKAGE = Path(__file__).resolve().parents[1] / "durian"
+# The packages the registered model runs: the library and what it imports (the face embedders).
+CODE_PACKAGES = [str(Path(__file__).resolve().parents[1] / name)
+                 for name in ("durian", "preprocessing")]  # fmt: skip
 METRIC_TAG = "metric."
 # A version is registered whole: ``registration`` says whether its aliases, tags and
 # registered.json were all set; ``rollback.<alias>`` what the alias pointed at before.
@@ -49,11 +53,24 @@ def input_example(resolution: int) -> pd.DataFrame:
     }])
 
 
-def requirements() -> list[str]:
+def requirements(model: Path) -> list[str]:
+    """The pinned packages the registered model runs with (``model``: its folder): the face
+    embedder's too when the model reads one."""
     from importlib.metadata import version
+
+    from durian.models.config import identity_embedder_of
 
     names = ["torch", "diffusers", "transformers", "safetensors", "numpy", "pillow", "mlflow",
              "opencv-contrib-python", "scikit-image"]
+    config = model / "model" / "config.json"
+    config = config if config.is_file() else model / "config.json"
+    embedder = identity_embedder_of(json.loads(config.read_text()))
+    if embedder == "arcface":
+        # Its ONNX file is the user's own download: it would have to travel with the version.
+        raise ValueError(f"{model} reads ArcFace embeddings: registering such a model is not "
+                         "supported yet (use it from its folder with --arcface-model)")
+    if embedder == "dlib":
+        names += ["dlib", "face-recognition-models"]
     return [f"{n}=={version(n)}" for n in names]
 
 
@@ -169,15 +186,18 @@ def register_flow() -> dict[str, Any]:
     with start_run("register", tags={"stage": "register", "training_run_id": train_run or "",
                                      "evaluation_run_id": eval_run or ""}) as run:
         # The model's files first, then the version pointing at them: a stop during the upload
-        # leaves no version at all.
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC),
-            artifacts={"model": str(model)},
-            code_paths=[str(DURIAN_PACKAGE)],
-            input_example=input_example(params.model.resolution),
-            pip_requirements=requirements(),
-        )
+        # leaves no version at all. Frozen components are stored once, not in every version.
+        staging_root = p.root / ".durian"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="register-", dir=staging_root) as staging:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC),
+                artifacts={"model": str(without_frozen(model, Path(staging) / "model"))},
+                code_paths=CODE_PACKAGES,
+                input_example=input_example(params.model.resolution),
+                pip_requirements=requirements(model),
+            )
         report_progress(f"model logged to MLflow run {run.info.run_id}; no version yet")
         previous = {alias: _alias_version(r.model_name, alias) for alias in ALIASES}
         before = p.registered.read_bytes() if p.registered.exists() else None

@@ -50,9 +50,9 @@ from flows.mlflow_adapter import start_run
 from flows.params import MODEL_WEIGHT_FIELDS, Params
 from flows.project import paths, read_params, run_main, write_json
 from flows.ray_adapter import (
-    SNAPSHOT,
     init_ray,
     is_local_ray,
+    latest_reported_step,
     prune_unrecorded_checkpoints,
     shutdown_now,
 )
@@ -262,16 +262,6 @@ def run_name(
     return name
 
 
-def latest_reported_step(run_dir: Path) -> int | None:
-    """The step of the latest checkpoint Ray Train recorded for a run (None: a fresh run)."""
-    snapshot = run_dir / SNAPSHOT
-    try:
-        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-        return int(latest["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _trainer_class() -> type:
     """``TorchTrainer`` without Ray's own Ctrl-C handler, so SIGINT stops training like
     SIGTERM: Ray's handler asks the controller for a graceful abort and blocks the main
@@ -422,7 +412,7 @@ def train_flow() -> dict[str, Any]:
         report_progress(f"{checkpoint_progress(p.checkpoints / name, params.train.steps)}, "
                         f"exported to {p.model}")
         metrics = dict(result.metrics or {})
-        # A resumed run that had nothing left to do reports nothing: fall back on the snapshot.
+        # A resumed run that had nothing left to do reports nothing: fall back on Ray's record.
         start_step = max(int(metrics.get("start_step", 0)), prior or 0)
         final_loss = float(metrics.get("loss", float("nan")))
         mlflow.log_metrics({"train_wall_s": wall, "final_loss": final_loss})

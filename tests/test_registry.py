@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from durian.models.profiles import build_model
-from durian.pipelines.pipeline_durian import save_durian_pipeline
+from durian.pipelines.pipeline_durian import DurianPipeline, save_durian_pipeline
 
 
 def _prepare(project, metrics: dict[str, float]) -> None:
@@ -86,3 +87,50 @@ print(json.dumps({{"frames": len(frames[0]),
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"frames": 3, "training_imported": False}
+
+
+def test_versions_share_frozen_components_stored_once(project_dir) -> None:
+    """A model with a VAE and a frozen image encoder: each version holds only what the model
+    trained; the frozen components are logged once for both versions and put back on load
+    (through the resolver and through the pyfunc)."""
+    import mlflow
+    from sd_helpers import sd_like_model
+
+    from flows.component_store import DIGEST_TAG
+    from flows.model_store import resolve_model
+    from flows.register import register_flow
+
+    model = sd_like_model(project_dir / "base")
+    save_durian_pipeline(model, project_dir / "models" / "durian")
+    _prepare(project_dir, {"xid_psnr_attr": 10.0, "xid_ssim": 0.5})
+    register_flow()
+    _prepare(project_dir, {"xid_psnr_attr": 11.0, "xid_ssim": 0.6})
+    register_flow()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project_dir / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("durian").experiment_id,
+                              filter_string=f"tags.`{DIGEST_TAG}` != ''")  # fmt: skip
+    assert sorted(r.data.tags["durian.component"] for r in runs) == ["image_encoder", "vae"]
+
+    def size(folder) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    exported = project_dir / "models" / "durian"
+    frozen = size(exported / "vae") + size(exported / "image_encoder")
+    folders = [resolve_model(f"models:/durian/{v}") for v in (1, 2)]
+    for folder in folders:
+        stored = client.get_model_version("durian", folder.parts[-3][1:])
+        assert stored.tags["registration"] == "complete"
+        shipped = sum(p.stat().st_size for p in folder.rglob("*")
+                      if p.is_file() and not p.is_symlink()
+                      and not {"vae", "image_encoder"} & set(p.relative_to(folder).parts))
+        assert shipped < size(exported) - frozen + 10_000  # + the record and MLflow's files
+        assert (folder / "vae").is_symlink()
+    assert (folders[0] / "vae").resolve() == (folders[1] / "vae").resolve()
+    loaded = DurianPipeline.from_pretrained(folders[1]).model.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+
+    mlflow.set_tracking_uri(f"sqlite:///{project_dir / 'mlflow.db'}")
+    pyfunc = mlflow.pyfunc.load_model("models:/durian/2").unwrap_python_model()
+    served = pyfunc.pipe.model.state_dict()
+    assert all(torch.equal(v, served[k]) for k, v in model.state_dict().items())

@@ -4,6 +4,12 @@ A shard sample holds (architecture note):
   ``frames.mp4``     T×H×W×3 uint8 frames, H.264 RGB (``libx264rgb``; crf 0 is lossless)
   ``parsing.npz``    T×H×W uint8 label maps (lossless)
   ``landmarks.npy``  T×478×3 float32 (x, y in crop pixels, z relative), mediapipe topology
+  ``identity.npy``   (D,) float32: the clip's identity embedding for the portrait ReferenceNet's
+                     cross-attention (dlib 128-d, ArcFace 512-d; ``preprocess.identity_embedder``),
+                     computed on one frame of the crop (``json``: ``identity_embedder``, the
+                     embedder's name, and ``identity_frame``, the frame, None when no face was
+                     found there: then the sample has no ``identity.npy``); absent without an
+                     embedder
   ``json``           metadata: source video, identity, clip index, fps, crop boxes, parser, split…
 This module is the one place that turns a sample into arrays and back.
 """
@@ -27,6 +33,7 @@ class Clip:
     parsing: np.ndarray  # (T, H, W) uint8
     landmarks: np.ndarray  # (T, 478, 3) float32
     meta: dict[str, Any] = field(default_factory=dict)
+    identity: np.ndarray | None = None  # (D,) float32 identity embedding, when computed
 
     def __post_init__(self) -> None:
         t, h, w, c = self.frames.shape
@@ -38,6 +45,8 @@ class Clip:
             raise ValueError(f"parsing {self.parsing.shape} does not match frames {(t, h, w)}")
         if self.landmarks.shape[0] != t or self.landmarks.shape[1:] != (NUM_LANDMARKS, 3):
             raise ValueError(f"landmarks must be (T,478,3), got {self.landmarks.shape}")
+        if self.identity is not None and np.ndim(self.identity) != 1:
+            raise ValueError(f"identity must be one (D,) vector, got {np.shape(self.identity)}")
 
     @property
     def num_frames(self) -> int:
@@ -79,13 +88,18 @@ def encode_clip(key: str, clip: Clip, crf: int = 0) -> dict[str, Any]:
     landmarks = io.BytesIO()
     np.save(landmarks, clip.landmarks.astype(np.float32))
     fps = float(clip.meta.get("fps", 25.0))
-    return {
+    sample = {
         "__key__": key,
         "frames.mp4": encode_frames(clip.frames, fps=fps, crf=crf),
         "parsing.npz": parsing.getvalue(),
         "landmarks.npy": landmarks.getvalue(),
         "json": json.dumps(clip.meta, sort_keys=True).encode(),
     }
+    if clip.identity is not None:
+        identity = io.BytesIO()
+        np.save(identity, np.asarray(clip.identity, np.float32))
+        sample["identity.npy"] = identity.getvalue()
+    return sample
 
 
 def decode_clip(sample: dict[str, Any]) -> Clip:
@@ -101,4 +115,5 @@ def decode_clip(sample: dict[str, Any]) -> Clip:
     with np.load(io.BytesIO(raw("parsing.npz"))) as z:
         parsing = z["parsing"]
     landmarks = np.load(io.BytesIO(raw("landmarks.npy")))
-    return Clip(decode_frames(raw("frames.mp4")), parsing, landmarks, dict(meta))
+    identity = np.load(io.BytesIO(raw("identity.npy"))) if "identity.npy" in sample else None
+    return Clip(decode_frames(raw("frames.mp4")), parsing, landmarks, dict(meta), identity)

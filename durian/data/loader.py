@@ -7,6 +7,12 @@ are at least as many shards as readers, otherwise every reader walks all shards 
 duplicates). Epochs repeat forever by default (resampling across epochs, shard order and a
 sample buffer reshuffled per epoch), so ranks never run dry at different steps. Everything
 random derives from ``seed``: same seed, same batches.
+
+A model that reads an external identity embedding (``identity_embedder``: dlib / arcface) gets
+it in every example (``identity_embedding``, the shard's ``identity.npy``). A shard made with
+another embedder or none stops the run with an error naming it (nothing in it could train that
+model: preprocess again); a clip whose frames showed the embedder no face has no embedding and
+is skipped, counted in a warning per epoch (a few such clips are a data gap, not a mistake).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from durian.data.clip_codec import decode_clip
+from durian.data.clip_codec import Clip, decode_clip
 from durian.data.masks import BankExpander, MaskBank, MaskExpander
 from durian.data.pairs import NoAttributeError, PairConfig, collate_examples, make_example, to_torch
 
@@ -87,6 +93,7 @@ class ShardExamples(IterableDataset):
         epochs: int | None = None,
         examples_per_clip: int = 1,
         skip_errors: bool = False,
+        identity_embedder: str | None = None,
     ) -> None:
         super().__init__()
         self.shards = expand_shards(shards)
@@ -100,6 +107,7 @@ class ShardExamples(IterableDataset):
         self.epochs = epochs
         self.examples_per_clip = int(examples_per_clip)
         self.skip_errors = skip_errors
+        self.identity_embedder = identity_embedder
 
     def _reader(self) -> tuple[int, int]:
         """(slot, slots): this reader's index among all ranks × dataloader workers."""
@@ -131,11 +139,17 @@ class ShardExamples(IterableDataset):
         epochs = count() if self.epochs is None else range(self.epochs)
         for epoch in epochs:
             rng = np.random.default_rng([self.seed, epoch, slot, 2])
-            produced = 0
+            produced = no_face = 0
             for sample in self.raw_samples(epoch):
                 key = str(sample.get("__key__", ""))
+                where = f"shard {sample.get('__url__', '?')}, sample {key}"
                 try:
                     clip = decode_clip(sample)
+                    if self.identity_embedder and not has_identity(
+                        clip, self.identity_embedder, where
+                    ):
+                        no_face += 1
+                        continue
                     examples = [
                         make_example(clip, self.pair_config, rng, self.expander, key)
                         for _ in range(self.examples_per_clip)
@@ -143,6 +157,8 @@ class ShardExamples(IterableDataset):
                 except NoAttributeError:
                     log.debug("skipping %s: no attribute present", key)
                     continue
+                except IdentityEmbeddingError:
+                    raise  # the data do not fit the model: never a sample to skip
                 except Exception:
                     if not self.skip_errors:
                         raise
@@ -150,12 +166,37 @@ class ShardExamples(IterableDataset):
                     continue
                 for example in examples:
                     produced += 1
+                    if self.identity_embedder:
+                        example["identity_embedding"] = clip.identity
                     yield to_torch(example)
+            if no_face:
+                log.warning(
+                    "reader %d, epoch %d: skipped %d clips without a %s identity embedding "
+                    "(no face found in preprocessing)", slot, epoch, no_face,
+                    self.identity_embedder,
+                )  # fmt: skip
             if produced == 0 and self.epochs is None:
                 # An endless loop over shards that never yield would hang the trainer silently.
                 raise RuntimeError(
                     f"reader {slot}: an epoch over {len(self.shards)} shards yielded no example"
                 )
+
+
+class IdentityEmbeddingError(ValueError):
+    """A shard lacks the identity embedding the model reads (made with another or none)."""
+
+
+def has_identity(clip: Clip, embedder: str, where: str) -> bool:
+    """Whether ``clip`` carries ``embedder``'s identity embedding: False when its clip showed
+    no face (skip it), :class:`IdentityEmbeddingError` when it was made without ``embedder``."""
+    made_with = clip.meta.get("identity_embedder")
+    if made_with != embedder:
+        raise IdentityEmbeddingError(
+            f"{where}: the model reads a {embedder} identity embedding but the shard was "
+            f"preprocessed with {made_with or 'no'} identity embedder: run preprocess with "
+            f"preprocess.identity_embedder {embedder if embedder == 'dlib' else 'arcface:<onnx>'}"
+        )
+    return clip.identity is not None
 
 
 def _worker_init(_: int) -> None:
@@ -177,13 +218,16 @@ def make_loader(
     epochs: int | None = None,
     examples_per_clip: int = 1,
     skip_errors: bool = False,
+    identity_embedder: str | None = None,
 ) -> DataLoader:
     """A DataLoader of collated training batches (the model contract of :mod:`durian.data.pairs`).
 
     ``rank``/``world_size`` default to torch.distributed's when it is initialised (Ray Train).
     ``mask_bank`` (a :class:`MaskBank` or the path of its ``.npz``) drives mask expansion; with
     none, expansion is the random dilation only. ``expander`` overrides both (e.g. a generative
-    one). ``epochs=None`` streams forever."""
+    one). ``epochs=None`` streams forever. ``identity_embedder``: the face embedder the model
+    reads (``durian.models.config.identity_embedder_of(model.config)``), whose embedding each
+    batch then carries (see the module docstring); None for a model that embeds with CLIP."""
     if expander is None:
         bank = MaskBank.load(mask_bank) if isinstance(mask_bank, str | Path) else mask_bank
         expander = BankExpander(bank, pair_config.expansion_n_union, pair_config.expansion_dilation)
@@ -198,6 +242,7 @@ def make_loader(
         epochs=epochs,
         examples_per_clip=examples_per_clip,
         skip_errors=skip_errors,
+        identity_embedder=identity_embedder,
     )
     return DataLoader(
         dataset,

@@ -14,6 +14,8 @@ An example (after :func:`to_torch`, the contract with the model):
   ``drop_identity``, ``drop_attribute``: bool scalars (classifier-free guidance drops; the
   reference images are left intact — the model decides what "dropped" means)
   ``category``, ``key``: str, for logging
+  ``identity_embedding`` (D,) float32, the clip's face embedding (the shard's
+  ``identity.npy``): only in examples of a loader asked for it (a model that reads one)
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ TENSOR_KEYS: tuple[str, ...] = (
     "drop_attribute",
 )
 LIST_KEYS: tuple[str, ...] = ("category", "key")
+# Tensors only some loaders put in (all examples of a loader, or none).
+OPTIONAL_TENSOR_KEYS: tuple[str, ...] = ("identity_embedding",)
 
 
 _MAX_WINDOW_TRIES = 4
@@ -247,7 +251,11 @@ def _image_tensor(images: np.ndarray) -> torch.Tensor:
 def to_torch(example: dict[str, Any]) -> dict[str, Any]:
     """The model's contract (see module docstring) from a :func:`make_example` result."""
     keypoints = torch.from_numpy(np.ascontiguousarray(example["keypoints"])).float() / 255.0
-    return {
+    optional = {
+        k: torch.from_numpy(np.asarray(example[k], np.float32)) for k in OPTIONAL_TENSOR_KEYS
+        if k in example
+    }  # fmt: skip
+    return optional | {
         "target": _image_tensor(example["target"]),
         "identity_ref": _image_tensor(example["identity_ref"]),
         "identity_mask": torch.from_numpy(example["identity_mask"].astype(np.float32))[None],
@@ -263,7 +271,8 @@ def to_torch(example: dict[str, Any]) -> dict[str, Any]:
 
 def collate_examples(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack :func:`to_torch` examples: tensors along a new batch axis, strings into lists."""
-    batch: dict[str, Any] = {k: torch.stack([e[k] for e in examples]) for k in TENSOR_KEYS}
+    keys = TENSOR_KEYS + tuple(k for k in OPTIONAL_TENSOR_KEYS if k in examples[0])
+    batch: dict[str, Any] = {k: torch.stack([e[k] for e in examples]) for k in keys}
     for k in LIST_KEYS:
         batch[k] = [e[k] for e in examples]
     return batch

@@ -7,7 +7,9 @@ preset) → an animated portrait wearing the attributes (method note §4).
   over the frames, morphing from the first attribute to the second);
 * driving: a video's landmark motion retargeted onto the portrait's face, or a preset;
 * long videos: the pipeline's overlapping temporal windows (time linear in length); the
-  reference nets run once per call.
+  reference nets run once per call;
+* identity: a model that reads a face embedding (dlib / ArcFace) gets the portrait's
+  (:meth:`Preparer.identity_embedding`; ArcFace's ONNX file from ``Preparer(arcface_model=…)``).
 """
 
 from __future__ import annotations
@@ -157,13 +159,15 @@ def animate(
     window: int | None = 24,
     overlap: int = 4,
     progress: bool = True,
+    arcface_model: str | os.PathLike | None = None,
 ) -> Animation:
     """Animate ``portrait`` with ``attributes`` [(image, category or None), …] following
     ``driving`` (a video path or a preset name, see :data:`PRESETS`).
 
     ``alpha`` / ``alpha_ramp``: interpolation between exactly two attributes; otherwise all
     attributes are composed. ``frames``: output length (default: the whole video, or 24 frames
-    of a preset). Raises :class:`DurianInputError` for bad inputs."""
+    of a preset). ``arcface_model``: the ONNX file of a model that reads ArcFace embeddings
+    (when no ``preparer`` brings its own). Raises :class:`DurianInputError` for bad inputs."""
     attributes = list(attributes)
     if not attributes:
         raise DurianInputError("give at least one attribute image")
@@ -180,13 +184,14 @@ def animate(
 
     size = int(pipeline.model.config.resolution)
     own = preparer is None
-    prep = preparer or Preparer(size)
+    prep = preparer or Preparer(size, arcface_model=arcface_model)
     if prep.size != size:
         raise ValueError(f"preparer crops at {prep.size} but the model works at {size}")
     try:
         bar = tqdm(total=len(attributes) + 2, desc="preparing", disable=not progress)
         with bar:
             face = prep.face(portrait, "portrait")
+            identity = prep.identity_embedding(face, pipeline.model.config)
             bar.update()
             prepared: list[PreparedAttribute] = []
             for k, (img, cat) in enumerate(attributes):
@@ -224,6 +229,7 @@ def animate(
         window=window,
         overlap=overlap,
         output_type="np",
+        identity_embedding=None if identity is None else torch.from_numpy(identity),
         **kwargs,
     ).frames
     out = result

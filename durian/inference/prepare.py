@@ -9,6 +9,10 @@ resolution, 478 landmarks in crop pixels and a label map. Then (method note §4)
   each transferred category, unioned with every attribute mask moved into portrait coordinates
   by the landmark similarity (``align_mask``), slightly dilated as in training.
 
+A model that reads an external identity embedding (``model.identity_embedding`` dlib /
+arcface) gets it from the portrait crop, computed as preprocessing computes a clip's
+(:func:`portrait_identity`).
+
 An image may carry exact labels in a sidecar ``<image>.gt.npz`` (``landmarks`` (478, 3) and
 ``parsing`` (H, W) in image pixels, the convention of synthetic videos): then no detector or
 parser runs. This is how attributes the offline parser cannot see (glasses, hats, beards) are
@@ -20,6 +24,7 @@ Every problem with the inputs raises :class:`DurianInputError` with a one-line m
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,9 @@ import PIL.Image
 
 from durian.data.masks import align_mask, attribute_mask, categories_present, dilate_mask
 from durian.inference.errors import DurianInputError
+from durian.models.config import identity_embedder_of
 from preprocessing.config import CropConfig
+from preprocessing.identity import FaceEmbedder, clip_identity, make_embedder
 from preprocessing.labels import CATEGORIES, check_category
 
 ImageSource = str | os.PathLike | np.ndarray | PIL.Image.Image
@@ -173,6 +180,7 @@ class Preparer:
         parser: Any = "landmarks",
         parser_weights: str | os.PathLike | None = None,
         max_side: int = 1536,
+        arcface_model: str | os.PathLike | None = None,
     ) -> None:
         self.size = int(size)
         self.margin = float(margin)
@@ -182,6 +190,8 @@ class Preparer:
         self._parser_weights = parser_weights
         self._parser: Any = None
         self._analyzer: Any = None
+        self.arcface_model = arcface_model  # the ONNX file of a model that reads ArcFace's
+        self._embedders: dict[str, FaceEmbedder] = {}
 
     def __enter__(self) -> Preparer:
         return self
@@ -249,6 +259,22 @@ class Preparer:
             raise face_error(err, name) from None
         return PreparedFace(clip.frames[0], clip.landmarks[0], clip.parsing[0], name)
 
+    def identity_embedding(
+        self, face: PreparedFace, model_config: Mapping[str, Any]
+    ) -> np.ndarray | None:
+        """The identity embedding a model (its ``model.config``) reads from the portrait, or
+        None for one that embeds the portrait with CLIP itself."""
+        kind = identity_embedder_of(model_config)
+        if kind is None:
+            return None
+        if kind not in self._embedders:
+            try:
+                self._embedders[kind] = make_embedder(kind, self.arcface_model)
+            except (ImportError, OSError, ValueError) as err:
+                why = f"the model reads {kind} identity embeddings: {err}"
+                raise DurianInputError(why) from None
+        return portrait_identity(self._embedders[kind], face.image, face.name)
+
     def attribute(
         self, source: ImageSource, category: str | None, role: str = "attribute"
     ) -> PreparedAttribute:
@@ -309,6 +335,19 @@ class Preparer:
             raise face_error(err, name) from None
         boxes = crop_boxes(track, margin=self.margin)
         return DrivingVideo(track, crop_frames(frames, boxes, self.size), float(fps))
+
+
+def portrait_identity(embedder: FaceEmbedder, image: np.ndarray, name: str) -> np.ndarray:
+    """The (D,) float32 identity embedding of a portrait crop, computed as preprocessing computes
+    a clip's on one of its crop frames (:func:`preprocessing.identity.clip_identity`); raises
+    :class:`DurianInputError` when the embedder finds no face in it."""
+    embedding, _ = clip_identity(image[None], embedder, tries=1)
+    if embedding is None:
+        raise DurianInputError(
+            f"the {embedder.name} face embedder finds no face in the {name}, and the model reads "
+            "its identity embedding"
+        )
+    return embedding
 
 
 def face_error(err: Exception, name: str) -> DurianInputError:

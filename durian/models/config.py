@@ -9,11 +9,17 @@ local weights it starts from, the tiny profile's shape and the method's switches
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from preprocessing.identity import EMBEDDING_DIMS
+
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
+# What PRNet's cross-attention reads: CLIP's embedding of the masked portrait, or a face
+# embedding computed from the unmasked portrait (the shards' identity.npy in training).
+IdentityEmbedding = Literal["clip", "dlib", "arcface"]
 
 # The switches handed to the profile as config overrides when set (None: the profile's).
 MODEL_SWITCHES: tuple[str, ...] = (
@@ -57,6 +63,10 @@ class ModelConfig(BaseModel):
     shared_reference_net: bool | None = None
     # Freeze the reference nets' last up block (sd15: frozen, as with SD weights; tiny: trained).
     freeze_reference_last_up_block: bool | None = None
+    # PRNet's cross-attention context (None: the profile's, CLIP for both). dlib / arcface need
+    # shards preprocessed with that preprocess.identity_embedder; the model's
+    # identity_embed_dim follows (128 / 512), and inference embeds the portrait the same way.
+    identity_embedding: IdentityEmbedding | None = None
 
     @model_validator(mode="after")
     def _tiny_shape_on_tiny_only(self) -> ModelConfig:
@@ -69,5 +79,25 @@ class ModelConfig(BaseModel):
         return self
 
     def switches(self) -> dict[str, Any]:
-        """The method switches that are set: config overrides of the profile."""
-        return {k: getattr(self, k) for k in MODEL_SWITCHES if getattr(self, k) is not None}
+        """The method switches that are set: config overrides of the profile (the identity
+        embedding as the width the model's projector takes, None for CLIP's own)."""
+        out = {k: getattr(self, k) for k in MODEL_SWITCHES if getattr(self, k) is not None}
+        if self.identity_embedding is not None:
+            out["identity_embed_dim"] = EMBEDDING_DIMS.get(self.identity_embedding)
+        return out
+
+
+def identity_embedder_of(model_config: Mapping[str, Any]) -> str | None:
+    """The face embedder a built model reads (``dlib`` / ``arcface``), from its config's
+    ``identity_embed_dim`` (``model.config``); None when it embeds the portrait with CLIP
+    itself. The two widths differ, so the width names the embedder."""
+    dim = model_config.get("identity_embed_dim")
+    if dim is None:
+        return None
+    for name, width in EMBEDDING_DIMS.items():
+        if width == dim:
+            return name
+    raise ValueError(
+        f"the model reads a {dim}-d identity embedding: no embedder gives that width "
+        f"({', '.join(f'{k} {v}' for k, v in EMBEDDING_DIMS.items())})"
+    )

@@ -52,6 +52,7 @@ the latent size by area averaging, concatenated after the latent (``in_channels`
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -86,6 +87,9 @@ from durian.models.temporal import (
 
 # Images per VAE call (encode and decode).
 VAE_CHUNK = 8
+# The frozen pretrained parts a pipeline folder keeps as components of their own, and where
+# their weights sit in the model's state dict.
+FROZEN_PREFIXES = {"vae": "vae.", "image_encoder": "image_encoder.clip."}
 T = TypeVar("T")
 
 # Parameters of a reference net that never receive a gradient: nothing after the last recorded
@@ -150,6 +154,18 @@ def _part(name: str, build: Callable[[], T]) -> T:
         return build()
     with init_empty_weights(include_buffers=False):  # buffers (e.g. CLIP's positions) stay real
         return build()
+
+
+@contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    """diffusers' model loader at error level for one call."""
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -241,19 +257,114 @@ class DurianModel(ModelMixin, ConfigMixin):
                 f"space {downscale}x: use {int(torch.log2(torch.tensor(downscale))) + 1} widths"
             )
         self.temporal = build_temporal_module(temporal_config) if temporal_config else None
+        self._frozen_missing: set[str] = set()  # frozen components saved apart, not attached
         self._install_processors()
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        vae: AutoencoderKL | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        **kwargs: Any,
+    ):
         """ModelMixin's loader, then every tensor copied into its own allocation: safetensors
         tensors are views at arbitrary file offsets and BLAS picks other kernels for unaligned
-        data, which would make a reloaded model differ from the saved one in the last bits."""
-        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        data, which would make a reloaded model differ from the saved one in the last bits.
+
+        A folder saved without its frozen components (``model/`` of a pipeline folder, which
+        keeps them in ``vae/`` and ``image_encoder/``) loads with those parts empty until
+        :meth:`attach_frozen` fills them (the pipeline does; ``vae`` / ``image_encoder`` here
+        do it at once). Any other missing weight is an error naming the folder."""
+        kwargs["output_loading_info"] = True
+        with _diffusers_quiet():  # its "newly initialized" warning is wrong for frozen parts
+            model, info = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        missing = set(info["missing_keys"])
+        model._frozen_missing = {  # parts saved apart: every one of their weights is missing
+            name for name, module in model.frozen_components().items()
+            if {FROZEN_PREFIXES[name] + k for k in module.state_dict()} <= missing
+        }  # fmt: skip
+        apart = tuple(FROZEN_PREFIXES[name] for name in model._frozen_missing)
+        unexplained = sorted(k for k in missing if not k.startswith(apart))
+        if unexplained:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: {len(unexplained)} weights missing, e.g. "
+                f"{unexplained[:3]}"
+            )
         with torch.no_grad():
             for t in (*model.parameters(), *model.buffers()):
                 t.data = t.data.clone()
+        model.attach_frozen(vae=vae, image_encoder=image_encoder)
         return model
+
+    # ------------------------------------------------------------------ frozen components
+    def frozen_components(self) -> dict[str, nn.Module]:
+        """The frozen pretrained parts, by pipeline component name: the VAE (when the model
+        has one) and the CLIP tower (unless the model trains it). A pipeline folder keeps them
+        in ``vae/`` and ``image_encoder/``, never in ``model/``, so they can be swapped, and
+        stored once however many models share them."""
+        parts: dict[str, nn.Module] = {}
+        if self.vae is not None:
+            parts["vae"] = self.vae
+        if not self.config.train_image_encoder:
+            parts["image_encoder"] = self.image_encoder.clip
+        return parts
+
+    def attach_frozen(
+        self,
+        vae: AutoencoderKL | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+    ) -> None:
+        """Put frozen components in place (the pipeline's, or swapped ones); each must have the
+        shapes the rest of the model was trained with."""
+        if vae is not None:
+            if self.vae is None:
+                raise ValueError("this model works in pixel space: it takes no VAE")
+            if vae.config.latent_channels != self.latent_channels or 2 ** (
+                len(vae.config.block_out_channels) - 1
+            ) != self.latent_downscale:
+                raise ValueError(
+                    f"the VAE's latent space ({vae.config.latent_channels} channels) is not the "
+                    f"model's ({self.latent_channels} channels, {self.latent_downscale}x)"
+                )
+            self.vae = vae.requires_grad_(False)
+            self._frozen_missing.discard("vae")
+        if image_encoder is not None:
+            if "image_encoder" not in self.frozen_components():
+                raise ValueError("this model trains its image encoder: it is part of model/")
+            if image_encoder.config.projection_dim != self.image_encoder.embed_dim:
+                raise ValueError(
+                    f"the image encoder embeds to {image_encoder.config.projection_dim}, the "
+                    f"model was trained on {self.image_encoder.embed_dim}"
+                )
+            self.image_encoder.clip = image_encoder.requires_grad_(False)
+            self._frozen_missing.discard("image_encoder")
+
+    @contextmanager
+    def frozen_left_out(self) -> Iterator[dict[str, nn.Module]]:
+        """The model without its frozen components for the duration (what ``model/`` of a
+        pipeline folder saves); yields them."""
+        parts = self.frozen_components()
+        if "vae" in parts:
+            self.vae = None
+        if "image_encoder" in parts:
+            self.image_encoder.clip = None
+        try:
+            yield parts
+        finally:
+            if "vae" in parts:
+                self.vae = parts["vae"]
+            if "image_encoder" in parts:
+                self.image_encoder.clip = parts["image_encoder"]
+
+    def _require(self, name: str) -> None:
+        if name in self._frozen_missing:
+            raise RuntimeError(
+                f"this model was loaded without its {name} (a pipeline folder keeps it in "
+                f"{name}/): load the folder with DurianPipeline.from_pretrained, or pass "
+                f"{name}= to DurianModel.from_pretrained"
+            )
 
     @property
     def reference_nets(self) -> list[UNet2DConditionModel]:
@@ -402,6 +513,7 @@ class DurianModel(ModelMixin, ConfigMixin):
         (the VAE's activations at 512² are ~1 GB per image: 96 frames at once would not fit)."""
         if self.vae is None:
             return F.pixel_unshuffle(images, self.latent_downscale)
+        self._require("vae")
         out = []
         for part in images.split(chunk):
             dist = self.vae.encode(part.to(self.vae.dtype)).latent_dist
@@ -412,6 +524,7 @@ class DurianModel(ModelMixin, ConfigMixin):
         """Latents → images in [-1, 1] (not clamped), ``chunk`` latents per VAE call."""
         if self.vae is None:
             return F.pixel_shuffle(latents, self.latent_downscale)
+        self._require("vae")
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return torch.cat([self.vae.decode(part).sample for part in z.split(chunk)])
 
@@ -448,6 +561,7 @@ class DurianModel(ModelMixin, ConfigMixin):
     ) -> References:
         """One PRNet and one ARNet call for every attribute image of every branch."""
         images, masks = _as_branches(attribute_ref), _as_branches(attribute_mask)
+        self._require("image_encoder")
         if self.config.shared_reference_net:
             return self._encode_shared(identity_ref, identity_mask, images, masks,
                                        identity_embedding)

@@ -245,6 +245,10 @@ def read_noise_schedule(folder: str | os.PathLike) -> dict[str, Any]:
     return {k: config[k] for k in SCHEDULE_KEYS if config.get(k) is not None}
 
 
+def _public(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def load_sd15(
     pretrained_model_path: str | os.PathLike,
     image_encoder_path: str | os.PathLike | None = None,
@@ -265,8 +269,10 @@ def load_sd15(
     base = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
     cfg = sd15_config(resolution)
-    cfg["unet_config"] = {**dict(base.config), "sample_size": resolution // 8}
-    cfg["vae_config"] = dict(vae.config)
+    # Without the loaders' bookkeeping (``_name_or_path`` is the folder: not part of the
+    # model, and a Path would make its config unsavable).
+    cfg["unet_config"] = {**_public(base.config), "sample_size": resolution // 8}
+    cfg["vae_config"] = _public(vae.config)
     cfg["noise_schedule"] = read_noise_schedule(root) or None
     clip = None
     if image_encoder_path is not None:

@@ -49,9 +49,10 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, SchedulerMixin
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPVisionModelWithProjection
 
 from durian.models.durian_model import DurianModel
 from durian.models.profiles import noise_scheduler_for, scheduler_settings
@@ -144,26 +145,47 @@ def is_model_folder(folder: str | os.PathLike) -> bool:
         return False
 
 
-def model_component(folder: str | os.PathLike) -> Path:
-    """The ``DurianModel`` folder of a pipeline folder (its ``model/``) or of a bare model
-    folder (itself): what training starts from (``init_from``)."""
-    folder = Path(folder)
-    return folder / "model" if (folder / "model_index.json").is_file() else folder
+def load_model(folder: str | os.PathLike, **kwargs: Any) -> DurianModel:
+    """The ``DurianModel`` of a pipeline folder, its frozen components attached, or of a bare
+    model folder: what training starts from (``init_from``). ``kwargs`` go to the loader."""
+    if (Path(folder) / "model_index.json").is_file():
+        return DurianPipeline.from_pretrained(folder, **kwargs).model
+    return DurianModel.from_pretrained(folder, **kwargs)
 
 
 class DurianPipeline(DiffusionPipeline):
     """Portrait animation with attribute transfer (see the module docstring)."""
 
     model_cpu_offload_seq = "model"
+    _optional_components = ["vae", "image_encoder"]
 
-    def __init__(self, model: DurianModel, scheduler: SchedulerMixin) -> None:
+    def __init__(
+        self,
+        model: DurianModel,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+    ) -> None:
         super().__init__()
         wanted = scheduler_settings(model.config)
         if any(scheduler.config.get(k) != v for k, v in wanted.items()):
             # The model fixes what it predicts and the schedule it was trained on; a scheduler
             # built for another would turn its outputs into noise.
             scheduler = scheduler.__class__.from_config(scheduler.config, **wanted)
-        self.register_modules(model=model, scheduler=scheduler)
+        model.attach_frozen(vae=vae, image_encoder=image_encoder)
+        frozen = model.frozen_components()
+        self.register_modules(
+            model=model,
+            vae=frozen.get("vae"),
+            image_encoder=frozen.get("image_encoder"),
+            scheduler=scheduler,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' layout, the frozen components in their own folders and not in ``model/``
+        (which then holds only what the model trained)."""
+        with self.model.frozen_left_out():
+            super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -179,7 +201,8 @@ class DurianPipeline(DiffusionPipeline):
         if model is None:
             model = DurianModel.from_pretrained(folder, torch_dtype=kwargs.get("torch_dtype"))
         scheduler = kwargs.pop("scheduler", None) or noise_scheduler_for(model, "ddim")
-        return cls(model=model, scheduler=scheduler)
+        return cls(model=model, scheduler=scheduler, vae=kwargs.pop("vae", None),
+                   image_encoder=kwargs.pop("image_encoder", None))
 
     def _reference_tensors(
         self,

@@ -32,10 +32,10 @@ from diffusers.optimization import get_scheduler
 from durian.data.loader import make_loader
 from durian.data.masks import MaskBank
 from durian.data.pairs import PairConfig
-from durian.models.config import ModelConfig
+from durian.models.config import ModelConfig, identity_embedder_of
 from durian.models.durian_model import DurianModel
 from durian.models.profiles import model_from_config, noise_scheduler_for
-from durian.pipelines.pipeline_durian import model_component, save_durian_pipeline
+from durian.pipelines.pipeline_durian import load_model, save_durian_pipeline
 from durian.training.config import Recipe, TrainConfig, save_recipe
 from durian.training.ema import EMA, copy_ema_weights
 from durian.training.preview import predict_x0, preview_grid
@@ -59,7 +59,7 @@ def build_training_model(
     initial weights."""
     torch.manual_seed(int(seed))
     if init_from:
-        built = DurianModel.from_pretrained(str(model_component(init_from)))
+        built = load_model(init_from)
         if stage == 2 and model.motion_module and built.temporal is None:
             built.add_temporal_module(checkpoint=model.motion_module)
         return built
@@ -116,6 +116,7 @@ class BatchSource:
     world_size: int = 1
     mask_bank: MaskBank | None = None
     num_workers: int = 0
+    identity_embedder: str | None = None  # the face embedder the model reads (None: CLIP)
 
     def stream(self, seed: int) -> Iterator[dict[str, Any]]:
         loader = make_loader(
@@ -127,6 +128,7 @@ class BatchSource:
             world_size=self.world_size,
             seed=seed,
             mask_bank=self.mask_bank,
+            identity_embedder=self.identity_embedder,
         )
         return iter(loader)
 
@@ -134,7 +136,7 @@ class BatchSource:
         """One batch that does not depend on the rank or the run's progress (for previews)."""
         loader = make_loader(
             self.shards, self.pair, batch_size=size, rank=0, world_size=1, seed=seed,
-            mask_bank=self.mask_bank,
+            mask_bank=self.mask_bank, identity_embedder=self.identity_embedder,
         )  # fmt: skip
         return next(iter(loader))
 
@@ -284,6 +286,7 @@ class Trainer:
             world_size=world_size,
             mask_bank=bank,
             num_workers=train.loader_workers,
+            identity_embedder=identity_embedder_of(model.config),
         )
         trainer = cls(model, source, train, rank=rank, device=device)
         trainer.config_hash = recipe.config_hash()

@@ -14,6 +14,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from durian.models.durian_model import DurianModel
+from durian.training.step import batch_identity_embedding
 
 COLUMNS = ("identity_ref", "attribute_ref", "keypoints", "target", "prediction")
 
@@ -41,6 +42,7 @@ def predict_x0(
         noisy = scheduler.add_noise(x0, noise, t)
         # The preview is conditional: no classifier-free-guidance drop.
         keep = torch.zeros(b, dtype=torch.bool, device=device)
+        identity = batch_identity_embedding(model, batch)
         pred = model(
             noisy,
             t,
@@ -52,6 +54,7 @@ def predict_x0(
             num_frames=f,
             drop_identity=keep,
             drop_attribute=keep,
+            identity_embedding=None if identity is None else identity.to(device, dtype),
         )
         # The scheduler's own x0 for its prediction type (ε, v or x0). ``step`` also draws
         # the noise of the next sample, from this generator, not the global one.

@@ -10,7 +10,9 @@ Contract with the data loader (one batch, float32 unless noted)::
     keypoints       B×F×3×H×W in [0, 1]    rendered landmarks of the target frames
     drop_identity   bool B                 classifier-free-guidance dropout (decided by the loader)
     drop_attribute  bool B
-    identity_embedding (optional) B×D      an external identity embedding (ArcFace / dlib)
+    identity_embedding B×D                 the external identity embedding (dlib / ArcFace)
+                                           a model with identity_embed_dim D reads; ignored by
+                                           one that embeds the portrait with CLIP
 
 Usage::
 
@@ -47,11 +49,17 @@ TIMESTEP_BIAS_STRATEGIES = ("none", "later", "earlier")
 
 
 def random_training_batch(
-    batch: int, frames: int, size: int, seed: int = 0, attribute_rows: int | None = None
+    batch: int,
+    frames: int,
+    size: int,
+    seed: int = 0,
+    attribute_rows: int | None = None,
+    identity_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A batch in the loader's keys, shapes and ranges with random content (speed and memory
     checks, tests): images in [-1, 1], the attribute region the top ``attribute_rows`` rows
-    (default a third), masked references as the loader makes them, no drops."""
+    (default a third), masked references as the loader makes them, no drops; with
+    ``identity_dim``, an identity embedding of that width."""
     g = torch.Generator().manual_seed(seed)
 
     def img(*shape: int) -> torch.Tensor:
@@ -59,7 +67,8 @@ def random_training_batch(
 
     masks = torch.zeros(batch, 1, size, size)
     masks[:, :, : size // 3 if attribute_rows is None else attribute_rows] = 1
-    return {
+    extra = {} if identity_dim is None else {"identity_embedding": img(batch, identity_dim)}
+    return extra | {
         "target": img(batch, frames, 3, size, size),
         "identity_ref": img(batch, 3, size, size) * (1 - masks) - masks,
         "identity_mask": masks.clone(),
@@ -101,6 +110,24 @@ def _randn(
     return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
 
 
+def batch_identity_embedding(
+    model: DurianModel, batch: dict[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """The batch's identity embedding when the model reads one (it must be there, of the
+    model's width), else None (the model embeds the portrait with CLIP)."""
+    width = model.config.identity_embed_dim
+    if width is None:
+        return None
+    embedding = batch.get("identity_embedding")
+    if embedding is None or embedding.shape[-1] != width:
+        got = "none" if embedding is None else f"{embedding.shape[-1]}-d ones"
+        raise ValueError(
+            f"the model reads {width}-d identity embeddings but the batch has {got}: make the "
+            "loader with identity_embedder=identity_embedder_of(model.config)"
+        )
+    return embedding
+
+
 def training_loss(
     model: DurianModel | torch.nn.Module,
     scheduler: DDPMScheduler | DDIMScheduler,
@@ -122,6 +149,7 @@ def training_loss(
     # A DDP-wrapped model: helpers from the inner model, the forward through the wrapper
     # (so gradients are synchronised).
     core = model.module if isinstance(getattr(model, "module", None), DurianModel) else model
+    identity = batch_identity_embedding(core, batch)
     target = batch["target"]
     b, f = target.shape[:2]
     dtype = core.dtype
@@ -154,7 +182,7 @@ def training_loss(
         num_frames=f,
         drop_identity=batch["drop_identity"],
         drop_attribute=batch["drop_attribute"],
-        identity_embedding=batch.get("identity_embedding"),
+        identity_embedding=identity,
     )
     kind = scheduler.config.prediction_type
     if kind == "v_prediction":

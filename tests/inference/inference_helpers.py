@@ -71,13 +71,13 @@ def moving_face_video(path: Path, image: np.ndarray, num_frames: int = 8, fps: i
     return write_video(path, np.stack(frames), fps)
 
 
-def tiny_model(seed: int = 0):
-    """The tiny profile with random weights, its zero-initialised keypoint output woken up so
-    the driving keypoints change the result."""
+def tiny_model(seed: int = 0, **fields):
+    """The tiny profile (with ``ModelConfig`` ``fields``) with random weights, its
+    zero-initialised keypoint output woken up so the driving keypoints change the result."""
     from durian.models.profiles import build_model
 
     torch.manual_seed(seed)
-    model = build_model("tiny", resolution=SIZE)
+    model = build_model("tiny", resolution=SIZE, **fields)
     g = torch.Generator().manual_seed(seed)
     conv = model.keypoint_guider.conv_out
     with torch.no_grad():
@@ -86,11 +86,12 @@ def tiny_model(seed: int = 0):
     return model.eval()
 
 
-def tiny_pipeline(seed: int = 0):
+def tiny_pipeline(seed: int = 0, **fields):
     from durian.models.profiles import make_noise_scheduler
     from durian.pipelines.pipeline_durian import DurianPipeline
 
-    pipe = DurianPipeline(model=tiny_model(seed), scheduler=make_noise_scheduler("ddim"))
+    model = tiny_model(seed, **fields)
+    pipe = DurianPipeline(model=model, scheduler=make_noise_scheduler("ddim"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

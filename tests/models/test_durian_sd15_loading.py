@@ -4,57 +4,15 @@ classes: weights land unchanged in ARNet, PRNet and DNet, the extra mask channel
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+from diffusers import MotionAdapter
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from sd_helpers import tiny_sd_folder
 
 from durian.models.profiles import load_sd15
 
 
-def _tiny_sd_folder(
-    root,
-) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPVisionModelWithProjection]:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(  # 8x downscale like SD's VAE, tiny widths
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    clip = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
-    unet.save_pretrained(root / "sd" / "unet")
-    vae.save_pretrained(root / "sd" / "vae")
-    clip.save_pretrained(root / "clip")
-    return unet, vae, clip
-
-
 def test_sd15_path_loads_weights_and_zero_mask_channel(tmp_path) -> None:
-    unet, vae, clip = _tiny_sd_folder(tmp_path)
+    unet, vae, clip = tiny_sd_folder(tmp_path)
     motion = MotionAdapter(
         block_out_channels=(32, 64),
         motion_layers_per_block=1,

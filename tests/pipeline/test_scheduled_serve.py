@@ -134,7 +134,7 @@ def test_served_pipeline_resumes_a_killed_run_and_picks_up_new_videos(tmp_path):
         assert second["model_version"] == "2"
         if champion_before:  # fine-tuned from @champion when there is one
             assert f"champion/v{champion_before}/" in (second["init_from"] or "")
-            assert (Path(second["init_from"]) / "config.json").exists()
+            assert (Path(second["init_from"]) / "model_index.json").exists()
         reg = _registry(project)
         assert reg["versions"] == [1, 2]
         assert reg["champion"] == ("2" if second["promoted"] else champion_before)

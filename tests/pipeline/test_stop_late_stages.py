@@ -33,8 +33,7 @@ pytestmark = pytest.mark.e2e
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from training_helpers import write_train_shards  # noqa: E402
 
-from flows.ray_adapter import SNAPSHOT, recorded_checkpoints  # noqa: E402
-from flows.train import latest_reported_step  # noqa: E402
+from flows.ray_adapter import latest_reported_step, recorded_checkpoints  # noqa: E402
 
 TRAIN = {"steps": 8, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
          "preview_every": 0, "num_workers": 2, "cpus_per_worker": 1,
@@ -135,9 +134,12 @@ def test_train_stopped_or_killed_resumes_and_leaves_no_ray_process(tmp_path, pre
 
     # SIGTERM while the workers train and write checkpoints, once Ray recorded the first.
     snapshots = project / "models" / "checkpoints"
+
+    def recorded_step() -> int:
+        return max((latest_reported_step(d) or 0 for d in snapshots.glob("train-*")), default=0)
+
     second = interrupt(["-m", "flows.train"], project, signal.SIGTERM,
-                       lambda _: any(snapshots.glob(f"*/{SNAPSHOT}")), 1.5, seed=7,
-                       env=env)  # fmt: skip
+                       lambda _: recorded_step() > 0, 1.5, seed=7, env=env)  # fmt: skip
     _report("train", signal.SIGTERM, second)
     second.assert_stopped(signal.SIGTERM)
     assert _left_running(project) == []
@@ -151,9 +153,6 @@ def test_train_stopped_or_killed_resumes_and_leaves_no_ray_process(tmp_path, pre
     # A crash: the driver SIGKILLed (no clean-up at all) as soon as the resumed run recorded a
     # newer checkpoint; Ray's orphans go as on a machine that died. The rerun still resumes
     # at the last recorded step (half-copied checkpoint folders are pruned first).
-    def recorded_step() -> int:
-        return max((latest_reported_step(d) or 0 for d in snapshots.glob("train-*")), default=0)
-
     interrupt(["-m", "flows.train"], project, signal.SIGKILL,
               lambda _: recorded_step() > step, 0.0, seed=0, env=env, group_wait_s=0)
     # Every process of the run, orphans included: the train workers' command lines

@@ -49,7 +49,7 @@ def _write_project(project: Path, bank: Path | None = None) -> None:
 
 
 def _latest_step(run_dir: Path) -> int | None:
-    from flows.train import latest_reported_step
+    from flows.ray_adapter import latest_reported_step
 
     return latest_reported_step(run_dir)
 
