@@ -34,9 +34,10 @@ Per GPU (GiB = 2³⁰ bytes):
 * total = weights + gradients + DDP bucket + optimizer + EMA + max(activations, step).
 
 Each table row adds one lever the trainer offers (``gradient_as_bucket_view`` is always set by
-``flows/train.py``, fused AdamW always on CUDA; the others are ``train`` params). Under the
-table, one that it does not offer: full sharding of weights, gradients, optimizer state and EMA
-over the GPUs (FSDP-style).
+``flows/train.py``, fused AdamW always on CUDA; the others are ``train`` params). The last row
+is ``train.fsdp`` instead: FSDP2 over the GPUs (:mod:`durian.training.sharding`), weights,
+gradients, AdamW state and EMA sharded; the units' gathered weights are counted (the reference
+nets' from forward to backward, two other units at a time).
 
 Both ``drop_*`` flags are off (every sample keeps both references: the largest forward).
 A card "fits" when the total is at most ``FIT_FRACTION`` of it (CUDA context, allocator slack).
@@ -51,7 +52,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from durian.models.attention import grid_positions, locality_bias  # noqa: E402
 from durian.models.durian_model import DurianModel  # noqa: E402
 from durian.models.profiles import make_noise_scheduler, sd15_config, tiny_config  # noqa: E402
 from durian.training.loop import half_frozen  # noqa: E402
+from durian.training.sharding import owned_parameters, shard_units  # noqa: E402
 from durian.training.step import training_loss  # noqa: E402
 
 GiB = 2**30
@@ -90,6 +92,10 @@ class ParameterSet:
     frozen: int  # parameters kept frozen
     weight_bytes: int  # trained in fp32 + frozen in the mixed-precision dtype + buffers
     trainable_sizes: tuple[int, ...]  # per trained tensor (ZeRO partitions tensors, not bytes)
+    # train.fsdp: trained bytes its units keep gathered from forward to backward (the reference
+    # nets), and the largest unit gathered for its forward or backward alone
+    fsdp_held: int = 0
+    fsdp_largest_unit: int = 0
 
 
 def model_config(tiny: bool, resolution: int) -> dict[str, Any]:
@@ -125,11 +131,18 @@ def parameter_set(model: torch.nn.Module, amp_dtype: torch.dtype) -> ParameterSe
 
 
 def build_parameter_set(config: dict[str, Any], stage: int, amp_dtype: torch.dtype) -> ParameterSet:
-    """The stage's :class:`ParameterSet` of the model ``config`` describes, built on meta."""
+    """The stage's :class:`ParameterSet` of the model ``config`` describes, built on meta, with
+    the gathered bytes of the FSDP units the trainer would shard it into."""
     with torch.device("meta"):
         model = DurianModel(**stage_config(config, stage))
         model.set_stage(stage)
-    return parameter_set(model, amp_dtype)
+    units = [(keep, sum(p.numel() for p in own) * FP32)
+             for _, keep, own in owned_parameters(shard_units(model, stage))]  # fmt: skip
+    return replace(
+        parameter_set(model, amp_dtype),
+        fsdp_held=sum(b for keep, b in units if keep),
+        fsdp_largest_unit=max((b for keep, b in units if not keep), default=0),
+    )
 
 
 def zero_partition_max(sizes: tuple[int, ...], ranks: int) -> int:
@@ -337,15 +350,21 @@ def strategy_rows(
     share = zero_partition_max(params.trainable_sizes, gpus) * FP32
     rows.append(Row(**{**asdict(row), "strategy": f"+ shard_optimizer (ZeRO-1, {gpus} GPUs)",
                        "optimizer": 2 * share}))  # fmt: skip
+    rows.append(fsdp_row(params, checkpointed, gpus))
     return rows
 
 
-def full_sharding_total(params: ParameterSet, checkpointed: Activations, gpus: int) -> int:
-    """Per GPU with weights, gradients, AdamW state and EMA all sharded over ``gpus`` (FSDP-style;
-    the all-gather buffers of one layer at a time are not counted) and checkpointed activations."""
-    grads = params.trainable * FP32
-    states = params.weight_bytes + grads + 2 * grads + grads
-    return -(-states // gpus) + max(checkpointed.total, -(-grads // gpus))
+def fsdp_row(params: ParameterSet, checkpointed: Activations, gpus: int) -> Row:
+    """``train.fsdp`` over ``gpus`` (checkpointing, fused AdamW; instead of DDP, ZeRO-1 and the
+    CPU EMA): 1/N of the trained weights, gradients, moments and EMA per GPU; the frozen parts
+    whole; plus the reference nets' trained weights, gathered from forward to backward, and
+    two of the other units gathered at a time (the one running and the one prefetched)."""
+    trained = params.trainable * FP32
+    share = -(-trained // gpus)
+    weights = share + (params.weight_bytes - trained) + params.fsdp_held
+    weights += 2 * params.fsdp_largest_unit
+    return Row(f"train.fsdp (FSDP2, {gpus} GPUs, EMA sharded)", weights, share, 0, 2 * share,
+               share, checkpointed.total, 0)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- report
@@ -370,7 +389,6 @@ def stage_report(
         "frozen_parameters": params.frozen,
         "activations": {"full": asdict(full), "checkpointed": asdict(checkpointed)},
         "rows": [{**asdict(r), "total": r.total, "fits": fits(r.total)} for r in rows],
-        "full_sharding_total": full_sharding_total(params, checkpointed, gpus),
     }
 
 
@@ -383,9 +401,6 @@ def markdown(report: dict[str, Any], gpus: int, resolution: int, unit: str = "Gi
 
     def size(n: int) -> str:
         return f"{n / UNITS[unit]:.1f}"
-
-    def fitting(total: int) -> str:
-        return ", ".join(c for c, ok in fits(total).items() if ok) or "none"
 
     cards = [f"{gb} GB" for gb in CARDS_GB]
     head = (
@@ -403,15 +418,12 @@ def markdown(report: dict[str, Any], gpus: int, resolution: int, unit: str = "Gi
         lines.append("| " + " | ".join(values) + " |")
     act = report["activations"]
     ckpt = act["checkpointed"]
-    sharded = report["full_sharding_total"]
     lines += [
         "",
         f"Activations: {size(act['full']['saved'])} {unit} without checkpointing; with it "
         f"{size(ckpt['saved'])} {unit} saved + {size(ckpt['recompute'])} {unit} for the largest "
-        f"recomputed segment ({ckpt['segment']}).",
-        f"Full sharding of weights, gradients, AdamW state and EMA over {gpus} GPUs (FSDP-style, "
-        f"**not offered by the trainer**): {size(sharded)} {unit} per GPU "
-        f"(fits {fitting(sharded)}).",
+        f"recomputed segment ({ckpt['segment']}). The last row is not a lever on top of the "
+        "others: it replaces DDP, ZeRO-1 and the CPU EMA.",
     ]
     return "\n".join(lines) + "\n"
 

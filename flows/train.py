@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -96,9 +97,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trainer.load(directory)
     start = trainer.step
 
-    # DDP over a module whose forward is the loss, so gradient sync follows the usual path.
-    # Unused parameters: a sample whose references are both dropped (classifier-free
-    # guidance) leaves the reference nets without gradient.
+    # DDP over a module whose forward is the loss, so gradient sync follows the usual path
+    # (not with train.fsdp: the sharded model synchronises itself). Unused parameters: a
+    # sample whose references are both dropped (classifier-free guidance) leaves the
+    # reference nets without gradient.
     trainer.wrap(
         lambda module: ray.train.torch.prepare_model(
             module,
@@ -156,7 +158,10 @@ class _RankZeroLogger:
         self.log_every = train.log_every
         self.preview_every = train.preview_every
         self.preview_batch = None
-        if self.client is not None and self.preview_every:
+        if self.client is not None and self.preview_every and trainer.sharded:
+            # A sharded model's forward needs every worker; previews run on rank 0 alone.
+            logging.getLogger(__name__).warning("train.fsdp: no preview grids in this run")
+        elif self.client is not None and self.preview_every:
             self.preview_batch = trainer.preview_batch(train.batch_size)
 
     def step(self, stats: dict[str, Any], rate: float) -> None:

@@ -44,3 +44,11 @@ def project_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_engine)
     monkeypatch.delenv("DURIAN_PARAMS", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     return project
+
+
+@pytest.fixture(scope="session")
+def dlib_embedder():
+    """dlib's face embedder (its models load once: ~0.7 s)."""
+    from preprocessing.identity import DlibEmbedder
+
+    return DlibEmbedder()

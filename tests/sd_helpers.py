@@ -39,21 +39,19 @@ def tiny_sd_folder(
         norm_num_groups=4,
         sample_size=64,
     )
-    clip = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
+    clip = tiny_clip(projection_dim=32, layers=1)
     unet.save_pretrained(root / "sd" / "unet")
     vae.save_pretrained(root / "sd" / "vae")
     clip.save_pretrained(root / "clip")
     return unet, vae, clip
+
+
+def tiny_clip(projection_dim: int, layers: int) -> CLIPVisionModelWithProjection:
+    """A CLIP vision tower with projection at test size (32² images, 8² patches)."""
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                              num_attention_heads=2, image_size=32, patch_size=8,
+                              projection_dim=projection_dim)  # fmt: skip
+    return CLIPVisionModelWithProjection(config)
 
 
 def sd_like_model(root: Path, resolution: int = 64) -> DurianModel:

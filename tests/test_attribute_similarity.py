@@ -82,18 +82,9 @@ def test_attribute_similarity_means_over_frames_with_a_mask():
 
 
 def test_clip_similarity_with_a_local_clip_folder(tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from sd_helpers import tiny_clip
 
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    tiny_clip(projection_dim=16, layers=2).save_pretrained(tmp_path / "clip")
     clip = ClipImageEncoder(tmp_path / "clip")
     ref, m = _patch_image((200, 10, 10), seed=4)
     other, _ = _patch_image((10, 10, 200), seed=5)

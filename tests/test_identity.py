@@ -25,11 +25,6 @@ from durian.evaluation.identity import (
 
 
 @pytest.fixture(scope="module")
-def dlib_embedder() -> DlibEmbedder:
-    return DlibEmbedder()
-
-
-@pytest.fixture(scope="module")
 def astronaut() -> np.ndarray:
     return data.astronaut()
 

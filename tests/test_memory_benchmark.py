@@ -54,6 +54,7 @@ def test_totals_are_the_parts_and_each_lever_lowers_them(report: dict, stage: in
     for r in rows:
         persistent = r["weights"] + r["gradients"] + r["ddp_bucket"] + r["optimizer"] + r["ema"]
         assert r["total"] == persistent + max(r["activations"], r["step"])
+    *rows, fsdp = rows  # the last row replaces levers instead of adding one
     totals = [r["total"] for r in rows]
     # No lever adds memory; fused AdamW saves only where its step temporaries exceed the
     # activations (the tiny profile's stage 1), the others always save something.
@@ -67,9 +68,15 @@ def test_totals_are_the_parts_and_each_lever_lowers_them(report: dict, stage: in
     act = report["stages"][stage - 1]["activations"]
     assert act["checkpointed"]["saved"] + act["checkpointed"]["recompute"] < act["full"]["saved"]
     assert act["checkpointed"]["recompute"] > 0 and act["full"]["recompute"] == 0
-    assert report["stages"][stage - 1]["full_sharding_total"] < totals[-1]
+    # FSDP: a 1/GPUS share of the trained state, the frozen parts and gathered units whole.
+    zero1, n = rows[-1], report["stages"][stage - 1]["trainable_parameters"]
+    assert fsdp["strategy"].startswith("train.fsdp") and fsdp["ddp_bucket"] == fsdp["step"] == 0
+    assert fsdp["gradients"] == fsdp["ema"] == fsdp["optimizer"] // 2 == -(-4 * n // GPUS)
+    assert fsdp["activations"] == zero1["activations"]
+    sharded = fsdp["gradients"] + fsdp["optimizer"] + fsdp["ema"]
+    assert sharded < zero1["gradients"] + zero1["optimizer"]
     text = memory.markdown(report["stages"][stage - 1], GPUS, RESOLUTION)
-    assert text.count("\n| ") == len(rows) + 1 and "not offered by the trainer" in text
+    assert text.count("\n| ") == len(rows) + 2 and "replaces DDP" in text
     json.dumps(report)  # the --json file
 
 

@@ -9,7 +9,7 @@ The processors hold no tensors: what one call needs arrives through the U-Net's
 for the writers and ``reference_fusion`` (:class:`FusionInputs`) for the readers.
 
 * :class:`ReferenceWriteProcessor` (ARNet, PRNet) records the ``hidden_states`` arriving at
-  ``attn1`` — the ``norm1`` output of the block — into the call's ``reference_bank`` dict under
+  ``attn1`` — the ``norm1`` output of the block — into the call's ``reference_bank`` under
   the processor's name, then computes ordinary self-attention.
 * :class:`DualReferenceAttnProcessor` (DNet) computes
   ``F̄_t = Attention(W_Q F_t, W_K F_ref, W_V F_ref)`` with
@@ -56,9 +56,22 @@ def self_attention_names(processor_names: list[str] | tuple[str, ...]) -> list[s
     return [n for n in processor_names if n.endswith(SELF_ATTENTION_SUFFIX)]
 
 
+class ReferenceBank:
+    """The features one reference-net call records, by processor name. An object of its own,
+    not a dict: wrappers that rebuild the containers of a module's arguments (FSDP's hooks,
+    DDP moving inputs to the device) hand every block this same bank, where a dict would be
+    copied and the features written into the copy lost."""
+
+    def __init__(self) -> None:
+        self.features: dict[str, torch.Tensor] = {}
+
+    def __setitem__(self, name: str, features: torch.Tensor) -> None:
+        self.features[name] = features
+
+
 class ReferenceWriteProcessor(AttnProcessor2_0):
     """Self-attention that also records its input (the block's ``norm1`` output) into the
-    ``reference_bank`` dict of the call's ``cross_attention_kwargs``, under its own name."""
+    :class:`ReferenceBank` of the call's ``cross_attention_kwargs``, under its own name."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -71,7 +84,7 @@ class ReferenceWriteProcessor(AttnProcessor2_0):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        reference_bank: dict[str, torch.Tensor] | None = None,
+        reference_bank: ReferenceBank | None = None,
     ) -> torch.Tensor:
         if reference_bank is not None:
             reference_bank[self.name] = hidden_states
@@ -175,7 +188,7 @@ class PlainAttnProcessor(AttnProcessor2_0):
         hidden_states: torch.Tensor,
         *args: Any,
         reference_fusion: FusionInputs | None = None,
-        reference_bank: dict[str, torch.Tensor] | None = None,
+        reference_bank: ReferenceBank | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         return super().__call__(attn, hidden_states, *args, **kwargs)

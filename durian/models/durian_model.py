@@ -72,6 +72,7 @@ from durian.models.attention import (
     DualReferenceAttnProcessor,
     FusionInputs,
     PlainAttnProcessor,
+    ReferenceBank,
     ReferenceWriteProcessor,
     self_attention_names,
 )
@@ -537,19 +538,19 @@ class DurianModel(ModelMixin, ConfigMixin):
     def _run_reference_net(
         self, net: UNet2DConditionModel, inputs: torch.Tensor, context: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        feats: dict[str, torch.Tensor] = {}  # filled by the writers of this call
+        bank = ReferenceBank()  # filled by the writers of this call
         t = torch.zeros(inputs.shape[0], device=inputs.device, dtype=torch.long)
         net(
             inputs,
             t,
             encoder_hidden_states=context,
-            cross_attention_kwargs={"reference_bank": feats},
+            cross_attention_kwargs={"reference_bank": bank},
             return_dict=False,
         )  # output unused
-        missing = set(self.reference_names) - set(feats)
+        missing = set(self.reference_names) - set(bank.features)
         if missing:
             raise RuntimeError(f"reference net wrote no features for {sorted(missing)[:3]}")
-        return feats
+        return bank.features
 
     def encode_references(
         self,

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from durian.data.pair_config import PairConfig
 from durian.models.config import ModelConfig
@@ -57,8 +57,24 @@ class TrainConfig(BaseModel):
     # ZeRO-1: each data-parallel worker keeps 1/N of the optimizer state (torch's
     # ZeroRedundancyOptimizer); a checkpoint gathers it on rank 0.
     shard_optimizer: bool = False
+    # Full sharding (torch's FSDP2, durian/training/sharding.py): each worker keeps 1/N of the
+    # trained weights, gradients, AdamW state and EMA; instead of DDP and shard_optimizer.
+    fsdp: bool = False
     init_from: str | None = None  # a save_pretrained folder to start from (stage 2: stage 1's)
     resume_data: Literal["skip", "reseed"] = "skip"  # data position on resume (see loop.py)
+
+    @model_validator(mode="after")
+    def _one_sharding(self) -> TrainConfig:
+        if self.fsdp:
+            if self.shard_optimizer:
+                raise ValueError("fsdp shards the optimizer state already: drop shard_optimizer")
+            if self.ema and self.ema_device == "cpu":
+                raise ValueError("with fsdp the EMA is sharded like the weights: ema_device same")
+            if self.mixed_precision == "fp16":
+                # GradScaler finds infs per worker in its shard only: workers would disagree
+                # on skipping a step.
+                raise ValueError("fsdp trains in bf16 or fp32 (mixed_precision bf16 or no)")
+        return self
 
 
 def library_fields(config: BaseModel, cls: type[BaseModel]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from durian.training.sharding import load_full
 from durian.training.state import trained_parameters
 
 _UPDATES = "__ema_updates__"
@@ -88,9 +89,7 @@ class EMA:
         missing = set(self.names) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:3]} ({len(missing)} in all)")
-        with torch.no_grad():
-            for name, shadow in self.shadow.items():
-                shadow.copy_(state[name])
+        load_full(self.shadow, state)  # into the shards when the model is sharded
         self._ema.optimization_step = int(updates) if updates is not None else 0
 
     def to(self, device: torch.device | str) -> EMA:

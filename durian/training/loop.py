@@ -39,6 +39,7 @@ from durian.pipelines.pipeline_durian import load_model, save_durian_pipeline
 from durian.training.config import Recipe, TrainConfig, save_recipe
 from durian.training.ema import EMA, copy_ema_weights
 from durian.training.preview import predict_x0, preview_grid
+from durian.training.sharding import full_optimizer_state, full_tensors, shard_model
 from durian.training.state import (
     load_ema,
     load_scaler,
@@ -75,13 +76,17 @@ def make_optimizer(
     ZeroRedundancyOptimizer over it (each worker keeps 1/N of the moments, ZeRO-1)."""
     fused = bool(params) and all(p.is_cuda for p in params)
     kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "fused": fused or None}
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if cfg.shard_optimizer and distributed:
+    if cfg.shard_optimizer and data_parallel():
         with warnings.catch_warnings():  # its functional optimizers use deprecated torch.jit
             warnings.simplefilter("ignore", DeprecationWarning)
             from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
+
+
+def data_parallel() -> bool:
+    """Whether this process is one of several data-parallel workers (torch.distributed)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def half_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -234,6 +239,11 @@ class Trainer:
         self.amp_dtype = _amp_dtype(cfg.mixed_precision, self.device)
         if self.amp_dtype is not None:
             half_frozen(model, self.amp_dtype)
+        # Full sharding replaces the trained parameters by shards: before the optimizer.
+        self.sharded = cfg.fsdp and data_parallel()
+        if self.sharded:
+            shard_model(model, cfg.stage)
+        self._gathered: dict[str, Any] | None = None  # a sharded run's whole state, to save
         self.params = list(model.trainable_parameters(cfg.stage))
         self.optimizer = make_optimizer(self.params, cfg)
         # diffusers' schedules (constant, cosine, linear …), stepped once per optimiser step;
@@ -293,33 +303,46 @@ class Trainer:
         return trainer
 
     def wrap(self, wrapper: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
-        """Wrap the loss module (e.g. DDP via ``ray.train.torch.prepare_model``)."""
-        self.loss_module = wrapper(self.loss_module)
+        """Wrap the loss module (e.g. DDP via ``ray.train.torch.prepare_model``); not when the
+        model is sharded (FSDP synchronises the gradients itself)."""
+        if not self.sharded:
+            self.loss_module = wrapper(self.loss_module)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str | Path) -> None:
         """A checkpoint of what the run changes: the trained parameters (the frozen ones are
         those the run started from), optimizer, EMA, scaler, step and data position."""
+        if self.sharded and self._gathered is None:
+            raise RuntimeError("a sharded run saves what gather_for_checkpoint gathered")
+        gathered, self._gathered = self._gathered or {}, None
         save_training_state(
             directory,
-            self.trained_weights(),
-            self.optimizer,
+            gathered.get("weights") or self.trained_weights(),
+            gathered.get("optimizer") or self.optimizer,
             self.step,
             extra={
                 "stage": self.stage,
                 "data": {"seed": self.data_seed, "batches": self.data_batches},
                 "config_hash": self.config_hash,
+                **({"optimizer_keys": "names"} if self.sharded else {}),
             },
-            ema=self.ema.state_dict() if self.ema is not None else None,
+            ema=gathered.get("ema") or (self.ema.state_dict() if self.ema is not None else None),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
         )
 
     def gather_for_checkpoint(self) -> None:
-        """Collective, on every rank before rank 0 saves: a sharded optimizer's state is
-        gathered on rank 0 (ZeRO-1; nothing to do otherwise)."""
+        """Collective, on every rank before rank 0 saves: a ZeRO-1 optimizer's state is
+        gathered on rank 0; a sharded model's weights, EMA and optimizer state are gathered
+        whole (:mod:`durian.training.sharding`). Nothing to do otherwise."""
         consolidate = getattr(self.optimizer, "consolidate_state_dict", None)
         if consolidate is not None:  # ZeroRedundancyOptimizer
             consolidate(to=0)
+        if self.sharded:
+            self._gathered = {
+                "weights": full_tensors(self.trained_weights()),
+                "optimizer": full_optimizer_state(self.model, self.optimizer),
+                "ema": full_tensors(self.ema.state_dict()) if self.ema is not None else None,
+            }
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
         """The parameters this stage trains, by name (what a checkpoint holds)."""
@@ -332,6 +355,11 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {directory} is of stage {state['stage']}, this run trains stage "
                 f"{self.stage}: start stage 2 from the exported stage-1 model (train.init_from)"
+            )
+        if (state.get("optimizer_keys") == "names") != self.sharded:
+            raise ValueError(
+                f"checkpoint {directory} was written by a run with train.fsdp "
+                f"{'on' if not self.sharded else 'off'}: resume it with the same setting"
             )
         load_training_state(directory, self.model, self.optimizer)
         self.step = self.start_step = int(state["step"])

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from durian.training.sharding import is_sharded, load_full, load_full_optimizer_state
+
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -45,7 +47,7 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_training_state(
     directory: str | Path,
     weights: torch.nn.Module | dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
     step: int,
     extra: dict[str, Any] | None = None,
     *,
@@ -53,7 +55,8 @@ def save_training_state(
     scaler: dict[str, Any] | None = None,
 ) -> None:
     """``weights``: a model (all of it) or the named tensors a run changes (the rest is what the
-    run started from; :func:`load_training_state` loads them over it)."""
+    run started from; :func:`load_training_state` loads them over it). ``optimizer``: the
+    optimizer, or its state already gathered (a sharded run's)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
@@ -62,7 +65,8 @@ def save_training_state(
         save_file(_cpu_tensors(ema), str(directory / EMA_WEIGHTS))
     if optimizer is not None:
         # Optimizer state is tensors + plain numbers; weights_only loading keeps it safe.
-        torch.save(optimizer.state_dict(), directory / OPTIMIZER)
+        state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save(state, directory / OPTIMIZER)
     if scaler:
         torch.save(scaler, directory / SCALER)
     torch.save(
@@ -104,18 +108,26 @@ def load_training_state(
     ``load_state_dict`` to each parameter's own device (every rank its own GPU)."""
     directory = Path(directory)
     weights = load_file(str(directory / WEIGHTS))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    lacking = sorted(set(trained_parameters(model)) & set(missing))
+    sharded = is_sharded(model)
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    unexpected = sorted(set(weights) - set(targets))
+    lacking = sorted(set(trained_parameters(model)) - set(weights))
     if unexpected or lacking:
         raise ValueError(
             f"checkpoint {directory} does not match the model: {len(unexpected)} unexpected "
-            f"(e.g. {sorted(unexpected)[:3]}), {len(lacking)} trained parameters missing "
+            f"(e.g. {unexpected[:3]}), {len(lacking)} trained parameters missing "
             f"(e.g. {lacking[:3]})"
         )
+    if sharded:  # whole tensors into this worker's shards
+        load_full({name: targets[name] for name in weights}, weights)
+    else:
+        model.load_state_dict(weights, strict=False)
     if optimizer is not None and (directory / OPTIMIZER).exists():
-        optimizer.load_state_dict(
-            torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
-        )
+        state = torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
+        if sharded:
+            load_full_optimizer_state(model, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
     if restore_rng and (directory / RNG).exists():
         # numpy's and python's states are tuples holding arrays/ints: not weights_only material,
         # but the file is our own, written next to the weights.

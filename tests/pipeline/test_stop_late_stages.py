@@ -135,7 +135,14 @@ def test_train_stopped_or_killed_resumes_and_leaves_no_ray_process(tmp_path, pre
     # SIGTERM while the workers train and write checkpoints, once Ray recorded the first.
     snapshots = project / "models" / "checkpoints"
 
-    def recorded_step() -> int:
+    def recorded_step(after: int = 0) -> int:
+        """The latest step Ray recorded. Ray's record (read by building Ray's checkpoint
+        manager) is read only once a checkpoint folder newer than ``after`` is there, not at
+        every 50 ms poll beside the training."""
+        newer = any(int(c.name.split("_")[-1]) > after
+                    for c in snapshots.glob("train-*/checkpoint_*"))  # fmt: skip
+        if not newer:
+            return after
         return max((latest_reported_step(d) or 0 for d in snapshots.glob("train-*")), default=0)
 
     second = interrupt(["-m", "flows.train"], project, signal.SIGTERM,
@@ -154,7 +161,7 @@ def test_train_stopped_or_killed_resumes_and_leaves_no_ray_process(tmp_path, pre
     # newer checkpoint; Ray's orphans go as on a machine that died. The rerun still resumes
     # at the last recorded step (half-copied checkpoint folders are pruned first).
     interrupt(["-m", "flows.train"], project, signal.SIGKILL,
-              lambda _: recorded_step() > step, 0.0, seed=0, env=env, group_wait_s=0)
+              lambda _: recorded_step(step) > step, 0.0, seed=0, env=env, group_wait_s=0)
     # Every process of the run, orphans included: the train workers' command lines
     # (``ray::…``) do not name the project, and one whose raylet died with the driver's group
     # is no one's child any more, yet it could still record a checkpoint. They all carry the

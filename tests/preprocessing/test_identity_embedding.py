@@ -10,7 +10,6 @@ from durian.data.clip_codec import decode_clip
 from flows.params import PreprocessParams
 from flows.preprocess import identity_setting, process_video
 from preprocessing.identity import (
-    DlibEmbedder,
     clip_identity,
     embedder_for,
     identity_frames,
@@ -20,12 +19,7 @@ from preprocessing.ingest import ingest
 from synthetic.sample import generate_sample
 
 
-@pytest.fixture(scope="module")
-def dlib() -> DlibEmbedder:
-    return embedder_for("dlib")
-
-
-def test_a_preprocessed_sample_carries_the_embedding_of_its_named_frame(tmp_path, dlib):
+def test_a_preprocessed_sample_carries_the_embedding_of_its_named_frame(tmp_path, dlib_embedder):
     # A synthetic portrait video, its clip cropped at 64² as the sample pipeline does.
     videos = generate_sample(tmp_path, n_synthetic=1, n_frames=8, size=128, fps=12, seed=1,
                              real_photos=False)  # fmt: skip
@@ -41,15 +35,15 @@ def test_a_preprocessed_sample_carries_the_embedding_of_its_named_frame(tmp_path
     frame = clip.meta["identity_frame"]
     assert frame == identity_frames(clip.num_frames)[0]  # dlib sees the face at 64² mid-clip
     assert clip.identity.dtype == np.float32 and clip.identity.shape == (128,)
-    expected = dlib.embed(clip.frames[frame]).astype(np.float32)
+    expected = dlib_embedder.embed(clip.frames[frame]).astype(np.float32)
     np.testing.assert_array_equal(clip.identity, expected)
 
 
-def test_frames_tried_middle_first_and_a_faceless_clip_has_none(dlib):
+def test_frames_tried_middle_first_and_a_faceless_clip_has_none(dlib_embedder):
     assert identity_frames(8) == [4, 2, 5, 0, 7]
     assert identity_frames(1) == [0]
     grey = np.full((6, 64, 64, 3), 128, np.uint8)
-    assert clip_identity(grey, dlib) == (None, None)
+    assert clip_identity(grey, dlib_embedder) == (None, None)
 
 
 def test_embedder_settings(tmp_path):
