@@ -19,7 +19,8 @@ PARAMS = {
     "sample": {"n_synthetic": 3, "n_frames": 16, "size": 128},
     "ingest": {"clip_frames": 8, "min_clip_frames": 6},
     "shards": {"max_samples": 4, "val_fraction": 0.34},
-    "train": {"steps": 4, "checkpoint_every": 2, "log_every": 1},
+    # One Ray worker starts faster; two are tested in tests/training/test_training_ray.py.
+    "train": {"steps": 4, "checkpoint_every": 2, "log_every": 1, "num_workers": 1},
     "evaluate": {"num_cases": 2, "cross_identity_cases": 2, "steps": 2},
 }
 

@@ -5,15 +5,18 @@ Usage::
     save_durian_pipeline(model, folder)         # a new model: its first scheduler, one folder
     pipe = DurianPipeline.from_pretrained(folder)                   # model + saved scheduler
     pipe = DurianPipeline.from_pretrained(folder, scheduler=DDIMScheduler(...))  # one swapped
+    pipe = DurianPipeline.from_pretrained(folder, vae=AutoencoderKL.from_pretrained(...))  # too
     pipe = DurianPipeline.from_pretrained(old_model_folder)  # a bare DurianModel folder still loads
     pipe.to("cuda", torch.float16)                                  # fp16/bf16 + SDPA on GPU
 
 A pipeline folder is diffusers' layout: ``model_index.json`` naming each component's class
 (``durian.models.durian_model.DurianModel``, importable, so diffusers' loader finds it), the
-``model/`` and ``scheduler/scheduler_config.json``. The scheduler a model is sampled with is
-the folder's; :func:`durian.models.profiles.noise_scheduler_for` only makes the first one of a
-new model. Whatever scheduler is given, the entries the model fixes (its parameterisation and
-zero-terminal-SNR schedule, ``profiles.scheduler_settings``) are kept.
+``model/`` (what the model trained), ``scheduler/scheduler_config.json`` and, for a model with
+frozen pretrained parts, ``vae/`` and ``image_encoder/`` (never copied into ``model/``; see
+:meth:`DurianModel.frozen_components` and :mod:`durian.pipelines.components`). The scheduler
+a model is sampled with is the folder's; :func:`durian.models.profiles.noise_scheduler_for` only
+makes the first one of a new model. Whatever scheduler is given, the entries the model fixes
+(its parameterisation and zero-terminal-SNR schedule, ``profiles.scheduler_settings``) are kept.
     frames = pipe(portrait, portrait_mask, attribute_image, attribute_mask, keypoint_images,
                   num_inference_steps=25, guidance_scale=3.5, generator=g).frames  # F×H×W×3 uint8
 

@@ -139,8 +139,9 @@ def test_train_stopped_or_killed_resumes_and_leaves_no_ray_process(tmp_path, pre
         """The latest step Ray recorded. Ray's record (read by building Ray's checkpoint
         manager) is read only once a checkpoint folder newer than ``after`` is there, not at
         every 50 ms poll beside the training."""
-        newer = any(int(c.name.split("_")[-1]) > after
-                    for c in snapshots.glob("train-*/checkpoint_*"))  # fmt: skip
+        numbers = (c.name.removeprefix("checkpoint_")
+                   for c in snapshots.glob("train-*/checkpoint_*") if c.is_dir())  # fmt: skip
+        newer = any(n.isdigit() and int(n) > after for n in numbers)
         if not newer:
             return after
         return max((latest_reported_step(d) or 0 for d in snapshots.glob("train-*")), default=0)

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-STEPS = 3
+STEPS = 2
 SIZE = 32
 TOLERANCE = 1e-5  # same AdamW arithmetic, only where each moment lives differs
 MODES = ("ddp", "zero1", "fsdp")

@@ -49,8 +49,12 @@ def _write_project(project: Path, bank: Path | None = None) -> None:
 
 
 def _latest_step(run_dir: Path) -> int | None:
+    """Ray's latest recorded step; its record (read by building Ray's checkpoint manager, in
+    this process beside the driver) is read only once a checkpoint folder is there."""
     from flows.ray_adapter import latest_reported_step
 
+    if not any(p.is_dir() for p in run_dir.glob("checkpoint_*")):
+        return None
     return latest_reported_step(run_dir)
 
 
