@@ -64,11 +64,11 @@ def _fetch_checked(fetch: Fetch, uri: str, sha256: str, where: Path) -> None:
     fetch_whole(where, checked)
 
 
-def complete_pipeline_folder(folder: Path, fetch: Fetch, store: Path | None = None) -> Path:
+def complete_pipeline_folder(folder: Path, fetch: Fetch, store: Path) -> Path:
     """Put back the frozen components ``folder``'s ``frozen_components.json`` names but the
     folder does not hold: each fetched once into ``store/<sha256>/<name>`` and linked from the
-    folder (models sharing a component share the copy), or without ``store`` into the folder
-    itself. A folder with no record is returned as it is. Returns ``folder``."""
+    folder (models sharing a component share the copy). A folder with no record is returned as
+    it is. Returns ``folder``."""
     record = folder / FROZEN_RECORD
     if not record.is_file():
         return folder
@@ -76,16 +76,15 @@ def complete_pipeline_folder(folder: Path, fetch: Fetch, store: Path | None = No
         target = folder / name
         if target.is_dir():
             continue
-        where = store / entry["sha256"] / name if store is not None else target
+        where = store / entry["sha256"] / name
         if not where.is_dir():
             where.parent.mkdir(parents=True, exist_ok=True)
             _fetch_checked(fetch, entry["uri"], entry["sha256"], where)
-        if where != target:
-            target.unlink(missing_ok=True)  # a link left dangling by a removed store
-            try:
-                target.symlink_to(where.resolve(), target_is_directory=True)
-            except FileExistsError:  # another process linked it first
-                pass
+        target.unlink(missing_ok=True)  # a link left dangling by a removed store
+        try:
+            target.symlink_to(where.resolve(), target_is_directory=True)
+        except FileExistsError:  # another process linked it first
+            pass
     return folder
 
 

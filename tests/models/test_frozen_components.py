@@ -150,5 +150,6 @@ def test_folder_completed_from_a_checked_store(saved, tmp_path) -> None:
     record["vae"]["sha256"] = "0" * 64
     (tampered / FROZEN_RECORD).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="does not hold the component"):
-        complete_pipeline_folder(tampered, fetch)
+        complete_pipeline_folder(tampered, fetch, tmp_path / "other-store")
     assert not (tampered / "vae").exists()
+    assert not (tmp_path / "other-store" / ("0" * 64) / "vae").exists()
