@@ -4,11 +4,14 @@
                    [--alpha A | --alpha-ramp] --driving VIDEO|preset --out OUT.mp4
                    [--model models:/durian@champion | PATH] [--frames N] [--steps S]
                    [--guidance G] [--seed K] [--device auto|cpu|cuda] [--side-by-side]
+                   [--parser landmarks|bisenet|segformer] [--parser-weights FILE|DIR]
 
 The model is a local folder (a saved pipeline, an older ``DurianModel.save_pretrained`` folder,
 or a downloaded MLflow pyfunc) or a registry URI ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``
-on the project's MLflow store, found by :func:`flows.model_store.resolve_model`. Every bad input
-ends with exit code 1 and one line ``error: …`` on stderr.
+on the project's MLflow store, found by :func:`flows.model_store.resolve_model`. Faces are parsed
+with the project's ``preprocess.parser`` / ``parser_weights`` (params.yaml) unless ``--parser`` /
+``--parser-weights`` say otherwise (:func:`parser_setting`). Every bad input ends with exit code
+1 and one line ``error: …`` on stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +37,57 @@ def load_pipeline(spec: str, device: str = "auto") -> Any:
     except (OSError, ValueError, KeyError, TypeError) as err:
         msg = " ".join(str(err).split())[:200]
         raise not_found(spec, f"cannot load it: {type(err).__name__}: {msg}") from None
+
+
+def parser_setting(name: str | None, weights: str | None) -> tuple[str, str | None]:
+    """The face parser of ``durian animate`` / ``durian app``: ``--parser`` / ``--parser-weights``
+    (weights alone: a folder is a SegFormer, a file a BiSeNet), else the project's
+    ``preprocess.parser`` / ``parser_weights`` (relative to the project folder), else the
+    offline ``landmarks`` — so a user with a checkpoint in params.yaml parses their own photos
+    as their training data was parsed."""
+    from flows.env import project_dir
+    from flows.params import ParamsError
+    from flows.project import read_params
+
+    if name is None and weights is not None:
+        name = "segformer" if Path(weights).is_dir() else "bisenet"
+    if name is not None:
+        return name, weights
+    try:
+        pre = read_params().preprocess
+    except ParamsError:  # no (valid) project here: the offline default
+        return "landmarks", None
+    found = pre.parser_weights
+    if found is not None and not Path(found).is_absolute():
+        found = str(project_dir() / found)
+    return pre.parser, found
+
+
+def face_parser(name: str | None, weights: str | None, device: str = "cpu") -> Any:
+    """The loaded parser of :func:`parser_setting` (``device`` for trained ones); a missing or
+    wrong checkpoint raises DurianInputError naming it."""
+    from durian.inference.errors import DurianInputError
+    from preprocessing.parsing import load_parser
+
+    name, weights = parser_setting(name, weights)
+    try:
+        return load_parser(name, weights, device=device)
+    except (OSError, ValueError) as err:
+        raise DurianInputError(f"face parser {name!r}: {err}") from None
+
+
+def parser_note(parser: Any) -> str | None:
+    """One line on what ``parser`` cannot see (the offline default), or None."""
+    from preprocessing.parsing import unseen_categories
+
+    unseen = unseen_categories(parser)
+    if not unseen:
+        return None
+    return (
+        f"face parser '{parser.name}' cannot see {', '.join(unseen)} in your images: name "
+        "such an attribute's category only with exact labels (<image>.gt.npz) or a trained "
+        "parser (--parser bisenet|segformer --parser-weights …)"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -81,8 +135,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--side-by-side", action="store_true", help="portrait | attributes | driving | result"
     )
+    add_parser_arguments(parser)
     parser.set_defaults(func=cmd_animate)
     return parser
+
+
+def add_parser_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--parser`` / ``--parser-weights`` (shared by ``durian animate`` and ``durian app``)."""
+    parser.add_argument(
+        "--parser", choices=("landmarks", "bisenet", "segformer"),
+        help="face parser (default: the project's preprocess.parser, else landmarks)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--parser-weights", metavar="FILE|DIR",
+        help="its checkpoint: bisenet 79999_iter.pth (or a .pt2/TorchScript export), segformer "
+        "a Hugging Face folder (default: the project's preprocess.parser_weights)",
+    )  # fmt: skip
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -101,7 +169,7 @@ def run(args: argparse.Namespace) -> Path:
     from durian.inference import animate, parse_attribute_spec
     from durian.inference.animate import check_driving
     from durian.inference.errors import DurianInputError
-    from durian.inference.prepare import check_alpha
+    from durian.inference.prepare import Preparer, check_alpha
     from preprocessing.video import write_video
 
     out = Path(args.out)
@@ -111,21 +179,27 @@ def run(args: argparse.Namespace) -> Path:
     attributes = [parse_attribute_spec(a) for a in args.attribute]
     check_alpha(args.alpha, args.alpha_ramp, len(attributes))
     check_driving(args.driving)
+    # The parser before the model: a wrong checkpoint is found before a long model load.
+    parser = face_parser(args.parser, args.parser_weights, args.device)
+    if note := parser_note(parser):
+        print(f"note: {note}", file=sys.stderr)
     pipe = load_pipeline(args.model, args.device)
-    result = animate(
-        pipe,
-        args.portrait,
-        attributes,
-        args.driving,
-        alpha=args.alpha,
-        alpha_ramp=args.alpha_ramp,
-        frames=args.frames,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        side_by_side=args.side_by_side,
-        arcface_model=args.arcface_model,
-    )
+    size = int(pipe.model.config.resolution)
+    with Preparer(size, parser=parser, arcface_model=args.arcface_model) as preparer:
+        result = animate(
+            pipe,
+            args.portrait,
+            attributes,
+            args.driving,
+            alpha=args.alpha,
+            alpha_ramp=args.alpha_ramp,
+            frames=args.frames,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            side_by_side=args.side_by_side,
+            preparer=preparer,
+        )
     write_video(out, result.frames, result.fps)
     return out
 

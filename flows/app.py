@@ -1,12 +1,15 @@
 """``durian app``: the animate command as a web page (Gradio), on 127.0.0.1 by default.
 
     durian app [--model models:/durian@champion | PATH] [--host 127.0.0.1] [--port 7860]
-               [--device auto|cpu|cuda]
+               [--device auto|cpu|cuda] [--parser landmarks|bisenet|segformer]
+               [--parser-weights FILE|DIR]
 
 The page takes a portrait (upload or webcam still), up to four attribute images each with a
 category picker, a driving video or a motion preset, and the composition / interpolation
 controls; it shows progress while it works, then the result video with a download link.
-Input errors appear in the page as one line.
+Input errors appear in the page as one line. Faces are parsed as ``durian animate`` parses them
+(the project's ``preprocess.parser`` unless ``--parser`` says otherwise); the page says which
+categories that parser cannot see.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ def generate(
     guidance: float,
     seed: int,
     side_by_side: bool,
+    preparer: Any = None,
 ) -> tuple[str | None, str]:
-    """One request → (path of the written MP4 or None, status line)."""
+    """One request → (path of the written MP4 or None, status line); ``preparer``: the app's
+    :class:`~durian.inference.prepare.Preparer` (its parser), None for a fresh default one."""
     from durian.inference import animate
     from durian.inference.errors import DurianInputError
     from preprocessing.video import write_video
@@ -83,6 +88,7 @@ def generate(
             guidance=float(guidance),
             seed=int(seed),
             side_by_side=side_by_side,
+            preparer=preparer,
         )
     except DurianInputError as err:
         return None, f"error: {err}"
@@ -96,15 +102,30 @@ def generate(
     )
 
 
-def build_app(pipeline: Any, work_dir: str | os.PathLike | None = None) -> Any:
-    """The Gradio Blocks page around ``pipeline`` (a DurianPipeline)."""
+def parser_line(parser: Any) -> str:
+    """The page's line on the face parser: its name and what it cannot see."""
+    from flows.animate import parser_note
+
+    note = parser_note(parser)
+    what = f"Face parser: **{parser.name}**"
+    return f"{what} — {note}." if note else f"{what} (sees every category)."
+
+
+def build_app(pipeline: Any, work_dir: str | os.PathLike | None = None, parser: Any = None) -> Any:
+    """The Gradio Blocks page around ``pipeline`` (a DurianPipeline); ``parser``: the face
+    parser object (default: the offline ``landmarks`` one)."""
     import gradio as gr
 
+    from durian.inference.prepare import Preparer
     from durian.inference.presets import PRESETS
     from preprocessing.labels import CATEGORIES
+    from preprocessing.parsing import load_parser
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="durian-app-"))
     work.mkdir(parents=True, exist_ok=True)
+    # One Preparer for the app's life: the parser (and face models) load once, not per request.
+    parser = parser if parser is not None else load_parser("landmarks")
+    preparer = Preparer(int(pipeline.model.config.resolution), parser=parser)
 
     with gr.Blocks(title="Durian", analytics_enabled=False) as demo:
         gr.Markdown(
@@ -112,6 +133,7 @@ def build_app(pipeline: Any, work_dir: str | os.PathLike | None = None) -> Any:
             "A portrait, attribute images (hair, glasses, hat, earrings, beard) and a driving "
             "video or motion preset → the portrait, animated, wearing the attributes."
         )
+        gr.Markdown(parser_line(parser), elem_id="parser")
         with gr.Row():
             with gr.Column():
                 portrait = gr.Image(
@@ -174,7 +196,7 @@ def build_app(pipeline: Any, work_dir: str | os.PathLike | None = None) -> Any:
             path, message = generate(
                 pipeline, work, v[portrait], _attribute_specs([v[s] for s in slots]),
                 v[driving_kind], v[preset], v[video], v[mode], v[alpha], v[ramp], v[frames],
-                v[steps], v[guidance], int(v[seed] or 0), v[side],
+                v[steps], v[guidance], int(v[seed] or 0), v[side], preparer,
             )  # fmt: skip
             return path, path, message
 
@@ -187,6 +209,7 @@ def build_app(pipeline: Any, work_dir: str | os.PathLike | None = None) -> Any:
             concurrency_limit=1,  # one pipeline: requests take turns
         )  # fmt: skip
     demo.durian_work_dir = work  # where results are written (served by launch)
+    demo.durian_preparer = preparer
     return demo
 
 
@@ -206,7 +229,7 @@ def launch(demo: Any, host: str = "127.0.0.1", port: int | None = None, **kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from flows.animate import DEFAULT_MODEL
+    from flows.animate import DEFAULT_MODEL, add_parser_arguments
 
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="URI|PATH",
@@ -215,6 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default local)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_parser_arguments(parser)
     parser.set_defaults(func=cmd_app)
     return parser
 
@@ -230,7 +254,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_app(args: argparse.Namespace) -> int:
     from durian.inference.errors import DurianInputError
-    from flows.animate import load_pipeline
+    from flows.animate import face_parser, load_pipeline, parser_note
     from flows.model_store import ModelNotFoundError
 
     try:
@@ -239,11 +263,14 @@ def cmd_app(args: argparse.Namespace) -> int:
         print("error: the web app needs gradio: pip install gradio==6.31.0", file=sys.stderr)
         return 1
     try:
+        parser = face_parser(args.parser, args.parser_weights, args.device)
         pipe = load_pipeline(args.model, args.device)
     except (DurianInputError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    demo = build_app(pipe)
+    if note := parser_note(parser):
+        print(f"note: {note}", file=sys.stderr)
+    demo = build_app(pipe, parser=parser)
     print(f"durian app on http://{args.host}:{args.port}  (Ctrl+C stops it)")
     launch(demo, args.host, args.port)
     return 0

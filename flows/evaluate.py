@@ -66,7 +66,7 @@ from flows.params import EvaluateParams
 from flows.project import paths, read_params, run_main, write_json
 from flows.stop import report_progress
 from preprocessing.faces import FaceAnalyzer
-from preprocessing.shards import list_shards
+from preprocessing.shard_index import committed_shards
 from preprocessing.video import write_video
 
 FPS = 12.0  # of the evaluation videos (the sample data's rate)
@@ -358,10 +358,10 @@ def evaluate_flow() -> dict[str, float]:
     e = params.evaluate
     p = paths()
     split = "val"
-    shards = list_shards(p.shards, split="val")
+    shards = committed_shards(p.shards, split="val")
     if not shards:
         # A tiny sample can put every identity in train; say so rather than pretend.
-        split, shards = "train", list_shards(p.shards, split="train")
+        split, shards = "train", committed_shards(p.shards, split="train")
         log.warning("evaluate: no validation shards; evaluating on train (not held out)")
     cases = evaluation_cases(shards, e.num_cases, frames=e.frames)
     if not cases:

@@ -45,12 +45,12 @@ def _clips(shards: list[str]) -> Iterator[Any]:
 @flow(name="mask_bank")
 def mask_bank_flow() -> dict[str, Any]:
     from durian.data.masks import build_mask_bank
-    from preprocessing.shards import list_shards
+    from preprocessing.shard_index import committed_shards
 
     log = get_run_logger()
     params = read_params().mask_bank
     p = paths()
-    shards = list_shards(p.shards, split="train")
+    shards = committed_shards(p.shards, split="train")
     if not shards:
         raise FileNotFoundError(f"no training shards in {p.shards}: run the preprocess stage first")
     out = mask_bank_path()

@@ -44,10 +44,6 @@ class Paths:
         return self.root / "data" / "shards"
 
     @property
-    def shard_index(self) -> Path:
-        return self.shards / "index.parquet"
-
-    @property
     def checkpoints(self) -> Path:
         return self.root / "models" / "checkpoints"
 

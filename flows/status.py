@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.project import paths
+from preprocessing.shard_index import committed_parts, has_index, read_index_table
+
+
+def _rows(table: pa.Table, column: str | None = None) -> str:
+    if column is None or column not in table.column_names:
+        return f"{table.num_rows} rows"
+    counts = Counter(table.column(column).to_pylist())
+    detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    return f"{table.num_rows} rows ({detail})"
 
 
 def _count(path, column: str | None = None) -> str:
-    if not path.exists():
+    return _rows(pq.read_table(path), column) if path.exists() else "missing"
+
+
+def _index_count(folder) -> str:
+    if not has_index(folder):
         return "missing"
-    table = pq.read_table(path)
-    if column is None or column not in table.column_names:
-        return f"{table.num_rows} rows"
-    counts: dict[str, int] = {}
-    for value in table.column(column).to_pylist():
-        counts[value] = counts.get(value, 0) + 1
-    detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    return f"{table.num_rows} rows ({detail})"
+    table = read_index_table(folder)
+    return f"{_rows(table, 'split')} in {len(committed_parts(folder))} parts"
 
 
 def status_lines() -> list[str]:
@@ -30,7 +39,7 @@ def status_lines() -> list[str]:
     lines.append(f"videos       {_count(p.videos_manifest, 'status')}")
     lines.append(f"clips        {_count(p.clips_manifest)}")
     shards = sorted(p.shards.glob("*.tar")) if p.shards.exists() else []
-    lines.append(f"shards       {len(shards)} tar files; index {_count(p.shard_index, 'split')}")
+    lines.append(f"shards       {len(shards)} tar files; index {_index_count(p.shards)}")
     if p.train_info.exists():
         info = json.loads(p.train_info.read_text())
         lines.append(

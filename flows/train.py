@@ -91,6 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         recipe, config["shards"], config["mask_bank"], rank=rank, world_size=world, device=device
     )
 
+    nodes = _worker_nodes(world)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -126,8 +127,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.step(stats, rate)
         if step % every == 0 or step == trainer.total_steps:
             metrics = {"step": step, "loss": stats["loss"], "samples_per_s": rate,
-                       "start_step": start, "world_size": world}  # fmt: skip
+                       "start_step": start, "world_size": world, "nodes": nodes}  # fmt: skip
             _report(trainer, rank, metrics)
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node ids the run's workers are on (every rank's, gathered): where it ran."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return sorted(set(nodes))
 
 
 def _report(trainer: Any, rank: int, metrics: dict[str, Any]) -> None:
@@ -381,12 +395,12 @@ def with_finetune_start(params: Params) -> Params:
 @flow(name="train")
 def train_flow() -> dict[str, Any]:
     from durian.training.loop import export_checkpoint
-    from preprocessing.shards import list_shards
+    from preprocessing.shard_index import committed_shards
 
     log = get_run_logger()
     params = with_finetune_start(read_params())
     p = paths()
-    shards = [str(s) for s in list_shards(p.shards, split="train")]
+    shards = [str(s) for s in committed_shards(p.shards, split="train")]
     if not shards:
         raise FileNotFoundError(f"no training shards in {p.shards}: run the preprocess stage first")
     bank = mask_bank_path()
@@ -434,6 +448,7 @@ def train_flow() -> dict[str, Any]:
             "model_dir": str(p.model),
             "ema": bool(info.get("exported_ema", False)),
             "config_hash": recipe.config_hash(),
+            "nodes": list(metrics.get("nodes", [])),  # the Ray nodes its workers ran on
         }
         write_json(p.train_info, summary)
         report_progress(f"training done, model in {p.model}, summary in {p.train_info}")

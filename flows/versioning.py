@@ -21,7 +21,7 @@ import yaml
 from flows.env import project_dir
 from flows.project import paths
 from preprocessing.incremental import index_digest
-from preprocessing.shards import read_index
+from preprocessing.shard_index import has_index, read_index
 
 
 def git_revision(root: Path | None = None) -> str | None:
@@ -42,9 +42,9 @@ def git_revision(root: Path | None = None) -> str | None:
 def dataset_hash(root: Path | None = None) -> str | None:
     """Content hash of the shard set (index keys, shard names and sizes); None without one."""
     p = paths(root)
-    if not p.shard_index.exists():
+    if not has_index(p.shards):
         return None
-    return index_digest(read_index(p.shard_index), p.shards)
+    return index_digest(read_index(p.shards), p.shards)
 
 
 def is_dvc_repo(root: Path | None = None) -> bool:

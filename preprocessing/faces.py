@@ -27,6 +27,13 @@ from preprocessing.mp_models import (
 )
 
 NUM_LANDMARKS = 478
+# The smallest face (its box side, as a fraction of the frame's long side) that BlazeFace finds
+# over the whole frame every time: measured on the astronaut and Grace Hopper pasted at sizes
+# from 8 % to 30 % into 512x384, 512x512 and 1920x1080 frames, faces of 14 % were found with
+# scores 0.72-0.87 (12 % only sometimes), from 16 % on always (scores >= 0.84).
+WHOLE_FRAME_MIN_FACE = 0.16
+# A whole-frame detection this confident may let the keyframe skip its tiles (see detect).
+CONFIDENT_FACE = 0.75
 REJECT_REASONS = ("no_face", "multiple_faces", "face_too_small")
 
 
@@ -48,12 +55,21 @@ class FaceAnalyzer:
        and the last), over the whole frame and over overlapping square tiles of the frame's
        short side and half of it. The detector only sees faces larger than ~15 % of its input,
        so without tiles a face of 200 px in a 1080p frame — or two people side by side — goes
-       unseen; tiles push the limit down to ~7 % of the short side.
+       unseen; tiles push the limit down to ~7 % of the short side. A keyframe skips its
+       tiles when the whole frame shows a face so large that any face the tiles could add
+       would be under ``small_face_ratio`` of it (such faces never count as a second person
+       in :func:`track_face` at its default ``second_face_min_ratio``); the tiles were most
+       of the detection time, and most of the detector's false positives.
     2. Landmarks: detections are grouped into face regions; for each of the ``num_faces``
        largest, a square region of interest (the face's whole path plus a face size on each
        side) is cut from every frame and a fresh Face Landmarker runs over it in VIDEO mode
        (tracking and smoothing within the clip, never across clips). Its own detector and
-       presence score drop detector false positives.
+       presence score drop detector false positives. Where the keyframes saw no other face
+       near the region, the landmarker looks for one face: it then follows it by tracking
+       and runs its detector only when the track is lost; looking for two (as it does where
+       another face is near, so that face is still seen) runs its detector on every frame.
+       The only face of a clip, when its detector can find it in the whole frame, is
+       followed in the frames themselves: no region is cut.
 
     One analyzer per process. mediapipe objects are created per call in the calling process
     and never cross a fork (mediapipe hangs there); a use from a forked copy raises, and
@@ -68,12 +84,14 @@ class FaceAnalyzer:
         detect_every: int = 8,
         model: str | os.PathLike | None = None,
         detector_model: str | os.PathLike | None = None,
+        small_face_ratio: float = 0.5,
     ) -> None:
         # Several faces, so a second person is seen (and the clip rejected), not ignored.
         self.num_faces = num_faces
         self.min_detection_confidence = min_detection_confidence
         self.min_presence_confidence = min_presence_confidence
         self.detect_every = detect_every
+        self.small_face_ratio = small_face_ratio
         self.model = str(model or model_path("face_landmarker.task"))
         self.detector_model = str(detector_model or model_path("face_detection_short_range.tflite"))
         self._pid = os.getpid()
@@ -84,7 +102,7 @@ class FaceAnalyzer:
         return (
             FaceAnalyzer,
             (self.num_faces, self.min_detection_confidence, self.min_presence_confidence,
-             self.detect_every, self.model, self.detector_model),
+             self.detect_every, self.model, self.detector_model, self.small_face_ratio),
         )  # fmt: skip
 
     def __enter__(self) -> FaceAnalyzer:
@@ -108,20 +126,36 @@ class FaceAnalyzer:
             )
 
     def detect(self, frame: np.ndarray) -> np.ndarray:
-        """Face boxes (n, 5) float: x0, y0, x1, y1 in frame pixels, score; duplicates merged."""
+        """Face boxes (n, 5) float: x0, y0, x1, y1 in frame pixels, score; duplicates merged.
+
+        The whole frame, then its tiles unless it shows a confident face whose
+        ``small_face_ratio`` is still in the whole frame's reach (``WHOLE_FRAME_MIN_FACE``)."""
+        self._check_process()
+        h, w = frame.shape[:2]
+        whole, *tiles = _tiles(h, w)
+        found = self._detect_in(frame, [whole])
+        largest = max(
+            (max(b[2] - b[0], b[3] - b[1]) for b in found if b[4] >= CONFIDENT_FACE), default=0.0
+        )
+        if largest * self.small_face_ratio < WHOLE_FRAME_MIN_FACE * max(h, w):
+            found += self._detect_in(frame, tiles)
+        return _nms(np.array(found, np.float64).reshape(-1, 5), 0.3)
+
+    def _detect_in(
+        self, frame: np.ndarray, tiles: list[tuple[int, int, int, int]]
+    ) -> list[tuple[float, float, float, float, float]]:
+        """BlazeFace on each (x, y, width, height) part of ``frame``: boxes in frame pixels."""
         import mediapipe as mp
         from mediapipe.tasks.python import BaseOptions, vision
 
-        self._check_process()
         if self._detector is None:
             options = vision.FaceDetectorOptions(
                 base_options=BaseOptions(model_asset_path=self.detector_model),
                 min_detection_confidence=self.min_detection_confidence,
             )
             self._detector = create_model(lambda: vision.FaceDetector.create_from_options(options))
-        h, w = frame.shape[:2]
         found = []
-        for x, y, side_w, side_h in _tiles(h, w):
+        for x, y, side_w, side_h in tiles:
             tile = np.ascontiguousarray(frame[y : y + side_h, x : x + side_w])
             image = mp.Image(image_format=mp.ImageFormat.SRGB, data=tile)
             with inference_logs_silenced():
@@ -132,15 +166,15 @@ class FaceAnalyzer:
                     (x + b.origin_x, y + b.origin_y, x + b.origin_x + b.width,
                      y + b.origin_y + b.height, det.categories[0].score)
                 )  # fmt: skip
-        return _nms(np.array(found, np.float64).reshape(-1, 5), 0.3)
+        return found
 
-    def _landmarker(self):
+    def _landmarker(self, num_faces: int):
         from mediapipe.tasks.python import BaseOptions, vision
 
         options = vision.FaceLandmarkerOptions(
             base_options=BaseOptions(model_asset_path=self.model),
             running_mode=vision.RunningMode.VIDEO,
-            num_faces=2,  # a second face overlapping this region is still seen
+            num_faces=num_faces,
             min_face_detection_confidence=0.5,
             min_face_presence_confidence=self.min_presence_confidence,
             min_tracking_confidence=self.min_presence_confidence,
@@ -155,26 +189,41 @@ class FaceAnalyzer:
         frames = _check_frames(frames)
         t = len(frames)
         keyframes = sorted({*range(0, t, max(1, self.detect_every)), t - 1})
-        regions = _face_regions([self.detect(frames[i]) for i in keyframes])[: self.num_faces]
+        regions = _face_regions([self.detect(frames[i]) for i in keyframes])
         step_ms = 1000.0 / fps if fps > 0 else 40.0
         found: list[list[np.ndarray]] = [[] for _ in range(t)]
-        for box, size in regions:
+        h, w = frames.shape[1:3]
+        for k, region in enumerate(regions[: self.num_faces]):
+            box, size = region.box, region.size
             side = max(box[2] - box[0], box[3] - box[1]) + 2.0 * size
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
             roi = np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
-            px = int(np.clip(round(side), 128, 512))
-            crops = crop_frames(frames, np.repeat(roi[None], t, 0), px, border="constant")
-            scale = side / px
-            landmarker = self._landmarker()
+            # Two faces wherever another one was seen near this region (so it is still seen
+            # when it overlaps), else one, which tracks instead of detecting on every frame.
+            others = [r for j, r in enumerate(regions) if j != k]
+            crowded = region.crowded or any(_overlaps(roi, r.reach) for r in others)
+            if not others and not crowded and region.smallest >= WHOLE_FRAME_MIN_FACE * max(h, w):
+                # The only face, and in the whole frame's reach: where the landmarker loses
+                # the track its detector finds the face again in the frame itself, so the
+                # frames go in as they are (no region to cut, no resampling).
+                images: np.ndarray = frames
+                origin, extent = np.zeros(2), np.array([w, h, w], np.float64)
+            else:
+                px = int(np.clip(round(side), 128, 512))
+                images = crop_frames(frames, np.repeat(roi[None], t, 0), px, border="constant")
+                origin, extent = roi[:2], np.full(3, side)
+            landmarker = self._landmarker(2 if crowded else 1)
             try:
-                for i, crop in enumerate(crops):
-                    image = mp.Image(image_format=mp.ImageFormat.SRGB, data=crop)
+                for i, image in enumerate(images):
+                    mp_image = mp.Image(
+                        image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)
+                    )
                     with inference_logs_silenced():
-                        result = landmarker.detect_for_video(image, int(round(i * step_ms)))
+                        result = landmarker.detect_for_video(mp_image, int(round(i * step_ms)))
                     for face in result.face_landmarks:
-                        xyz = np.array([(p.x, p.y, p.z) for p in face], np.float64) * px
-                        xyz[:, :2] = xyz[:, :2] * scale + roi[:2]
-                        xyz[:, 2] *= scale
+                        # Normalised x, y, z (z scaled like x) -> frame pixels.
+                        xyz = np.array([(p.x, p.y, p.z) for p in face], np.float64) * extent
+                        xyz[:, :2] += origin
                         found[i].append(xyz.astype(np.float32))
             finally:
                 close_model(landmarker)
@@ -216,27 +265,50 @@ def _nms(boxes: np.ndarray, iou: float) -> np.ndarray:
     return boxes[np.asarray(keep, int).reshape(-1)]
 
 
-def _face_regions(per_keyframe: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
-    """Group keyframe detections into faces: (union box, largest side), largest face first."""
-    dets = [d for ds in per_keyframe for d in ds]
-    dets.sort(key=lambda d: -max(d[2] - d[0], d[3] - d[1]))
-    groups: list[list[np.ndarray]] = []
-    for d in dets:
+@dataclass(frozen=True)
+class _Region:
+    """One face's keyframe detections grouped (see :func:`_face_regions`)."""
+
+    box: np.ndarray  # (4,) union of its boxes, frame pixels
+    size: float  # its largest box side
+    smallest: float  # its smallest box side
+    crowded: bool  # two of its detections in one keyframe: two faces close together
+
+    @property
+    def reach(self) -> np.ndarray:
+        """The union box grown by half a face on each side: where the face may be between
+        keyframes."""
+        return self.box + np.array([-1, -1, 1, 1]) * self.size / 2
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1]))
+
+
+def _face_regions(per_keyframe: list[np.ndarray]) -> list[_Region]:
+    """Group keyframe detections into faces, largest face first."""
+    dets = [(k, d) for k, ds in enumerate(per_keyframe) for d in ds]
+    dets.sort(key=lambda kd: -max(kd[1][2] - kd[1][0], kd[1][3] - kd[1][1]))
+    groups: list[list[tuple[int, np.ndarray]]] = []
+    for k, d in dets:
         size = max(d[2] - d[0], d[3] - d[1])
         centre = (d[:2] + d[2:4]) / 2
         for g in groups:
-            last = g[0]
+            last = g[0][1]
             near = np.linalg.norm(centre - (last[:2] + last[2:4]) / 2) < size
             if near or _box_iou(d, np.array([last]))[0] > 0.2:
-                g.append(d)
+                g.append((k, d))
                 break
         else:
-            groups.append([d])
+            groups.append([(k, d)])
     out = []
     for g in groups:
-        arr = np.array(g)
+        arr = np.array([d for _, d in g])
         union = np.array([*arr[:, :2].min(0), *arr[:, 2:4].max(0)])
-        out.append((union, float(max(max(d[2] - d[0], d[3] - d[1]) for d in g))))
+        sides = np.maximum(arr[:, 2] - arr[:, 0], arr[:, 3] - arr[:, 1])
+        keyframes = [k for k, _ in g]
+        crowded = len(set(keyframes)) < len(keyframes)
+        out.append(_Region(union, float(sides.max()), float(sides.min()), crowded))
     return out
 
 

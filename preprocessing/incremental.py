@@ -4,10 +4,9 @@ An output folder is extended, never rewritten, while the settings that shape its
 the same: :func:`fingerprint` names those settings (params and the code that interprets them);
 a different fingerprint means the old output is stale and is rebuilt from scratch.
 
-Resume rule for shards: a shard file is part of the dataset only once the index lists it. A
-run writes shards first and the index after them, so a run killed in between leaves complete
-but unlisted shards (:func:`orphan_shards`), which the next run deletes before redoing their
-clips; the index is the single record of what is done (:func:`pending_clips`).
+Resume rule for shards: a shard file is part of the dataset only once a committed index part
+lists it (:mod:`preprocessing.shard_index`); the index is the single record of what is done
+(:func:`pending_clips`).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-
-from preprocessing.shards import list_shards
 
 STATE_FILE = "state.json"
 
@@ -85,32 +82,20 @@ def merge_clips(
     return out
 
 
-def orphan_shards(folder: str | os.PathLike, index_rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Complete shard files the index does not list (left by a run killed before its index
-    write); their clips are not done and the files must go before new shards are numbered."""
-    listed = {r["shard"] for r in index_rows}
-    return [p for p in list_shards(folder) if Path(p).name not in listed]
-
-
 def pending_clips(
     clips: Sequence[dict[str, Any]],
     index_rows: Sequence[dict[str, Any]],
     rejected_rows: Sequence[dict[str, Any]],
 ) -> dict[str, list[dict[str, Any]]]:
-    """Clips of the manifest not yet in the index nor rejected, grouped by video (sorted ids).
-
-    A video is redone whole when any of its clips is pending (the per-video work loads one
-    detector per video anyway); the writer drops keys already in the index.
-    """
+    """Clips of the manifest not yet in the index nor rejected, grouped by video (sorted ids,
+    clips in order). Done clips are never handed out again, so no key is written twice."""
     done = {r["key"] for r in index_rows} | {r["clip_id"] for r in rejected_rows}
     groups: dict[str, list[dict[str, Any]]] = {}
     for clip in clips:
-        groups.setdefault(clip["video_id"], []).append(clip)
-    return {
-        vid: sorted(group, key=lambda c: c["clip_index"])
-        for vid, group in sorted(groups.items())
-        if any(c["clip_id"] not in done for c in group)
-    }
+        if clip["clip_id"] not in done:
+            groups.setdefault(clip["video_id"], []).append(clip)
+    return {vid: sorted(group, key=lambda c: c["clip_index"])
+            for vid, group in sorted(groups.items())}
 
 
 def index_digest(index_rows: Sequence[dict[str, Any]], folder: str | os.PathLike) -> str:

@@ -1,15 +1,18 @@
-"""WebDataset shards: split assignment, a crash-safe appending writer, and the shard index.
+"""WebDataset shards: split assignment and a crash-safe appending writer.
 
 Layout of an output folder::
 
-    train-000000.tar  train-000001.tar  val-000000.tar  index.parquet
+    train-000000.tar  train-000001.tar  val-000000.tar
+    train-p1a2b3c4d5e-000000.tar       ← a shard of part ``p1a2b3c4d5e`` (one worker's batch)
     .train-000002.tar.partial      ← a shard being written (or left by a killed run)
 
 A shard is written under a hidden ``.partial`` name and renamed only once complete, so a
 reader globbing ``*.tar`` (or :func:`list_shards`) never sees half a shard. A later run starts
 at :func:`next_shard_index` and so adds shards after the existing ones without touching them.
-One writer per (folder, split) at a time: two concurrent writers would pick the same index.
-Tar members get mtime 0 and fixed owners, so the same samples give byte-identical shards.
+One writer per (folder, split, part) at a time: two concurrent writers of the same part would
+pick the same index, so concurrent workers each write a part of their own (the pipeline's
+index over the parts is :mod:`preprocessing.shard_index`). Tar members get mtime 0 and fixed
+owners, so the same samples give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -20,31 +23,17 @@ import math
 import os
 import re
 import tarfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 
-SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9]+)-(?P<index>\d{6})\.tar$")
+SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9]+)-(?:(?P<part>[a-z0-9]+)-)?(?P<index>\d{6})\.tar$")
+PART_RE = re.compile(r"[a-z0-9]+")
 PARTIAL_SUFFIX = ".partial"
 _KEY_RE = re.compile(r"^(?P<video_id>.+)_(?P<clip_index>\d{4,})$")
 _BLOCK = tarfile.BLOCKSIZE  # 512: header and data padding unit
 _RECORD = tarfile.RECORDSIZE  # 10240: the archive is padded to this on close
-
-INDEX_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("shard", pa.string()),  # file name inside the shard folder
-        ("split", pa.string()),
-        ("video_id", pa.string()),
-        ("clip_index", pa.int32()),
-        ("num_frames", pa.int32()),
-    ]
-)
-
 
 def assign_split(video_id: str, val_fraction: float, seed: int = 0) -> Literal["train", "val"]:
     """'val' for about ``val_fraction`` of video ids, fixed per (id, seed).
@@ -58,26 +47,31 @@ def assign_split(video_id: str, val_fraction: float, seed: int = 0) -> Literal["
     return "val" if u < val_fraction else "train"
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
+def shard_name(split: str, index: int, part: str | None = None) -> str:
+    return f"{split}-{part}-{index:06d}.tar" if part else f"{split}-{index:06d}.tar"
 
 
-def list_shards(out_dir: str | os.PathLike, split: str | None = None) -> list[str]:
-    """Complete shards (paths as strings, sorted by split then index); never partial files."""
+def list_shards(
+    out_dir: str | os.PathLike, split: str | None = None, part: str | None = None
+) -> list[str]:
+    """Complete shards (paths as strings, sorted by split, part, index); never partial files.
+    ``part`` given: only that part's shards."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
     found = []
     for p in out_dir.iterdir():
         m = SHARD_RE.match(p.name)
-        if m and p.is_file() and (split is None or m["split"] == split):
-            found.append((m["split"], int(m["index"]), str(p)))
-    return [path for _, _, path in sorted(found)]
+        if (m and p.is_file() and (split is None or m["split"] == split)
+                and (part is None or m["part"] == part)):
+            found.append((m["split"], m["part"] or "", int(m["index"]), str(p)))
+    return [path for *_, path in sorted(found)]
 
 
-def next_shard_index(out_dir: str | os.PathLike, split: str) -> int:
-    """One past the highest complete shard index of ``split`` (0 when there is none)."""
-    indices = [int(SHARD_RE.match(Path(p).name)["index"]) for p in list_shards(out_dir, split)]
+def next_shard_index(out_dir: str | os.PathLike, split: str, part: str | None = None) -> int:
+    """One past the highest complete shard index of (``split``, ``part``) (0 when none)."""
+    indices = [int(m["index"]) for p in list_shards(out_dir, split)
+               if (m := SHARD_RE.match(Path(p).name))["part"] == part]
     return max(indices) + 1 if indices else 0
 
 
@@ -104,8 +98,8 @@ def _archive_bytes(members: int) -> int:
 
 
 class _OpenShard:
-    def __init__(self, out_dir: Path, split: str, index: int) -> None:
-        self.name = shard_name(split, index)
+    def __init__(self, out_dir: Path, split: str, index: int, part: str | None) -> None:
+        self.name = shard_name(split, index, part)
         self.final = out_dir / self.name
         self.tmp = out_dir / f".{self.name}{PARTIAL_SUFFIX}"
         self.file = open(self.tmp, "wb")
@@ -124,6 +118,8 @@ class ShardWriter:
     are WebDataset dicts of bytes (``encode_clip``'s output). Use as a context manager: on a
     clean exit every open shard is renamed into place; on an exception the open shards are
     deleted and their samples dropped from :attr:`records` (finished shards stay).
+    ``part`` (lower-case alphanumeric) names the shards ``{split}-{part}-{index:06d}.tar``,
+    so writers of different parts can share a folder.
     """
 
     def __init__(
@@ -132,9 +128,13 @@ class ShardWriter:
         split: str = "train",
         max_count: int = 1000,
         max_bytes: int = 1 << 30,
+        part: str | None = None,
     ) -> None:
         if max_count < 1 or max_bytes < 1:
             raise ValueError("max_count and max_bytes must be positive")
+        if part is not None and not PART_RE.fullmatch(part):
+            raise ValueError(f"part names are lower-case alphanumeric, got {part!r}")
+        self.part = part
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.split = split
@@ -186,8 +186,8 @@ class ShardWriter:
             shard = None
         if shard is None:
             if split not in self._next:
-                self._next[split] = next_shard_index(self.out_dir, split)
-            shard = _OpenShard(self.out_dir, split, self._next[split])
+                self._next[split] = next_shard_index(self.out_dir, split, self.part)
+            shard = _OpenShard(self.out_dir, split, self._next[split], self.part)
             self._next[split] += 1
             self._open[split] = shard
         shard.writer.write(sample)
@@ -243,35 +243,3 @@ def _num_frames(sample: dict[str, Any]) -> int | None:
     except (ValueError, AttributeError, TypeError):
         return None
     return int(value) if isinstance(value, int | float) else None
-
-
-def write_index(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write the shard index (``key`` → ``shard``, ``split``, ``video_id``, ``clip_index``,
-    ``num_frames`` and any extra columns the rows carry), atomically. Keys must be unique."""
-    keys = [r["key"] for r in rows]
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        raise ValueError(f"duplicate keys in the shard index: {dup}")
-    fields = list(INDEX_SCHEMA)
-    extra_names: list[str] = []
-    for r in rows:
-        extra_names.extend(n for n in r if n not in INDEX_SCHEMA.names and n not in extra_names)
-    columns = {f.name: pa.array([r.get(f.name) for r in rows], type=f.type) for f in fields}
-    for name in extra_names:
-        columns[name] = pa.array([r.get(name) for r in rows])  # type inferred from the values
-    schema = pa.schema(fields + [pa.field(n, columns[n].type) for n in extra_names])
-    table = pa.table(columns, schema=schema)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def read_index(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of an index written by :func:`write_index`."""
-    return pq.read_table(path).to_pylist()

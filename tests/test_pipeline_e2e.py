@@ -12,6 +12,8 @@ import pytest
 import yaml
 from project_helpers import make_project, project_env
 
+from preprocessing.shard_index import read_index
+
 pytestmark = pytest.mark.e2e
 
 # Small enough to keep the test quick, big enough to exercise every stage for real.
@@ -65,7 +67,7 @@ def test_every_stage_leaves_its_artefacts(pipeline_run):
 
     shards = sorted((project / "data/shards").glob("*.tar"))
     assert shards and not list((project / "data/shards").glob(".*"))
-    index = pq.read_table(project / "data/shards/index.parquet").to_pylist()
+    index = read_index(project / "data/shards")
     assert {r["shard"] for r in index} == {s.name for s in shards}
     by_video: dict[str, set[str]] = {}
     for r in index:
@@ -94,7 +96,7 @@ def test_shard_samples_read_back_with_every_key_and_the_label_schema(pipeline_ru
     from preprocessing.labels import NUM_CLASSES
 
     project, _ = pipeline_run
-    index = {r["key"]: r for r in pq.read_table(project / "data/shards/index.parquet").to_pylist()}
+    index = {r["key"]: r for r in read_index(project / "data/shards")}
     shards = sorted(str(s) for s in (project / "data/shards").glob("*.tar"))
     seen = set()
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):

@@ -53,8 +53,12 @@ class Clip:
         return int(self.frames.shape[0])
 
 
-def encode_frames(frames: np.ndarray, fps: float = 25.0, crf: int = 0) -> bytes:
-    """H.264 RGB in an MP4 container; crf 0 is bit-exact, higher trades size for loss."""
+def encode_frames(
+    frames: np.ndarray, fps: float = 25.0, crf: int = 0, preset: str = "ultrafast"
+) -> bytes:
+    """H.264 RGB in an MP4 container; crf 0 is bit-exact, higher trades size for loss.
+    ``preset``: x264's speed/size trade-off (ultrafast: ~4x faster to write than veryfast at
+    256², lossless too, ~35 % more bytes)."""
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"frame size must be even for H.264, got {w}x{h}")
@@ -62,7 +66,7 @@ def encode_frames(frames: np.ndarray, fps: float = 25.0, crf: int = 0) -> bytes:
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264rgb", rate=int(round(fps)))
         stream.width, stream.height, stream.pix_fmt = w, h, "rgb24"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}  # repeatable
+        stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}  # repeatable
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -79,7 +83,7 @@ def decode_frames(data: bytes) -> np.ndarray:
     return np.stack(frames)
 
 
-def encode_clip(key: str, clip: Clip, crf: int = 0) -> dict[str, Any]:
+def encode_clip(key: str, clip: Clip, crf: int = 0, preset: str = "ultrafast") -> dict[str, Any]:
     """A WebDataset sample dict (bytes values) for ``clip``; ``key`` must hold no dots."""
     if "." in key:
         raise ValueError(f"WebDataset keys must not contain dots: {key!r}")
@@ -90,7 +94,7 @@ def encode_clip(key: str, clip: Clip, crf: int = 0) -> dict[str, Any]:
     fps = float(clip.meta.get("fps", 25.0))
     sample = {
         "__key__": key,
-        "frames.mp4": encode_frames(clip.frames, fps=fps, crf=crf),
+        "frames.mp4": encode_frames(clip.frames, fps=fps, crf=crf, preset=preset),
         "parsing.npz": parsing.getvalue(),
         "landmarks.npy": landmarks.getvalue(),
         "json": json.dumps(clip.meta, sort_keys=True).encode(),

@@ -13,10 +13,12 @@ A model that reads an external identity embedding (``model.identity_embedding`` 
 arcface) gets it from the portrait crop, computed as preprocessing computes a clip's
 (:func:`portrait_identity`).
 
-An image may carry exact labels in a sidecar ``<image>.gt.npz`` (``landmarks`` (478, 3) and
-``parsing`` (H, W) in image pixels, the convention of synthetic videos): then no detector or
-parser runs. This is how attributes the offline parser cannot see (glasses, hats, beards) are
-used without a trained parser.
+Faces are parsed by the same parser setting as preprocessing (``preprocess.parser`` /
+``parser_weights``: ``landmarks``, ``bisenet`` with ``79999_iter.pth``, ``segformer`` with a
+local folder; :func:`preprocessing.parsing.load_parser`). An image may carry exact labels in a
+sidecar ``<image>.gt.npz`` (``landmarks`` (478, 3) and ``parsing`` (H, W) in image pixels, the
+convention of synthetic videos): then no detector or parser runs. This is how attributes the
+offline parser cannot see (glasses, hats, earrings) are used without a trained parser.
 
 Every problem with the inputs raises :class:`DurianInputError` with a one-line message.
 """
@@ -44,8 +46,6 @@ ImageSource = str | os.PathLike | np.ndarray | PIL.Image.Image
 
 _DEFAULTS = CropConfig()  # the crop rule of the training data
 MIN_FRACTION = 0.005  # an attribute covering less of the crop than this is "not found"
-# What the offline landmark parser can label; the others need exact labels or trained weights.
-LANDMARK_PARSER_SEES = frozenset({"hair"})
 
 
 @dataclass
@@ -168,8 +168,8 @@ class Preparer:
     """Detects, crops, aligns and parses faces at ``size`` with the training crop rule.
 
     The face analyzer and parser are created on first use and closed by :meth:`close` (or the
-    ``with`` block). ``parser``: a parser name for ``preprocessing.parsing.load_parser`` or a
-    parser object."""
+    ``with`` block). ``parser``: a parser name for ``preprocessing.parsing.load_parser`` (with
+    its ``parser_weights``, run on ``parser_device``) or a parser object."""
 
     def __init__(
         self,
@@ -179,6 +179,7 @@ class Preparer:
         min_face_size: float = _DEFAULTS.min_face_size,
         parser: Any = "landmarks",
         parser_weights: str | os.PathLike | None = None,
+        parser_device: str = "cpu",
         max_side: int = 1536,
         arcface_model: str | os.PathLike | None = None,
     ) -> None:
@@ -188,6 +189,7 @@ class Preparer:
         self.max_side = int(max_side)
         self._parser_spec = parser
         self._parser_weights = parser_weights
+        self._parser_device = parser_device
         self._parser: Any = None
         self._analyzer: Any = None
         self.arcface_model = arcface_model  # the ONNX file of a model that reads ArcFace's
@@ -221,15 +223,21 @@ class Preparer:
             if isinstance(self._parser_spec, str):
                 from preprocessing.parsing import load_parser
 
-                self._parser = load_parser(self._parser_spec, self._parser_weights)
+                try:
+                    self._parser = load_parser(
+                        self._parser_spec, self._parser_weights, device=self._parser_device
+                    )
+                except (OSError, ValueError) as err:  # missing / wrong checkpoint: the user's
+                    raise DurianInputError(f"face parser: {err}") from None
             else:
                 self._parser = self._parser_spec
         return self._parser
 
-    def _sees(self, category: str) -> bool:
-        if getattr(self.parser, "name", "") == "landmarks":
-            return category in LANDMARK_PARSER_SEES
-        return True
+    def unseen_categories(self) -> list[str]:
+        """The attribute categories the parser cannot see (empty for trained parsers)."""
+        from preprocessing.parsing import unseen_categories
+
+        return unseen_categories(self.parser)
 
     def face(self, source: ImageSource, role: str = "portrait") -> PreparedFace:
         """One still with one face → :class:`PreparedFace` (raises DurianInputError)."""
@@ -294,10 +302,12 @@ class Preparer:
         elif category not in present:
             found = ", ".join(present) or "none"
             hint = ""
-            if not self._sees(category):
+            if category in self.unseen_categories():
+                name = getattr(self.parser, "name", "")
                 hint = (
-                    f"; the offline landmark parser cannot see {category}: give the image exact "
-                    "labels (<image>.gt.npz) or use a trained parser"
+                    f"; the face parser '{name}' cannot see {category}: give the image exact "
+                    "labels (<image>.gt.npz) or a trained parser (--parser bisenet|segformer "
+                    "--parser-weights …)"
                 )
             raise DurianInputError(
                 f"attribute '{category}' not found in its image {face.name} (found: {found}){hint}"

@@ -111,7 +111,8 @@ def shard_keys(shards_dir: Path) -> list[str]:
 
 
 def hidden_files(shards_dir: Path) -> list[str]:
-    return sorted(p.name for p in shards_dir.glob(".*"))
+    """Partial shards and temporaries, in the shard folder and its index parts' folders."""
+    return sorted(str(p.relative_to(shards_dir)) for p in shards_dir.rglob(".*"))
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600, env: dict | None = None

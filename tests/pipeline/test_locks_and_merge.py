@@ -12,7 +12,7 @@ import time
 import pytest
 
 from flows.locks import LockBusy, file_lock
-from preprocessing.incremental import merge_clips, merge_videos, orphan_shards, pending_clips
+from preprocessing.incremental import merge_clips, merge_videos, pending_clips
 
 HOLD = """
 import sys, time
@@ -61,15 +61,15 @@ def test_merge_keeps_earlier_videos_and_retries_earlier_failures():
     assert [c["clip_id"] for c in clips] == ["a_0000", "c_0000"]
 
 
-def test_pending_clips_skip_indexed_and_rejected_and_orphans_are_found(tmp_path):
+def test_pending_clips_skip_indexed_and_rejected():
     clips = [{"clip_id": f"{v}_{i:04d}", "video_id": v, "clip_index": i}
-             for v in ("a", "b", "c") for i in range(2)]
+             for v in ("c", "a", "b") for i in (1, 0)]
     index = [{"key": "a_0000", "shard": "train-000000.tar"},
              {"key": "a_0001", "shard": "train-000000.tar"},
              {"key": "b_0000", "shard": "train-000001.tar"}]
-    rejected = [{"clip_id": "c_0000"}, {"clip_id": "c_0001"}]
+    rejected = [{"clip_id": "c_0000"}]
     todo = pending_clips(clips, index, rejected)
-    assert list(todo) == ["b"] and [c["clip_id"] for c in todo["b"]] == ["b_0000", "b_0001"]
-    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
-        (tmp_path / name).write_bytes(b"")
-    assert [os.path.basename(p) for p in orphan_shards(tmp_path, index)] == ["train-000002.tar"]
+    # Only clips not done, never a done key again; videos sorted, clips in order.
+    assert {v: [c["clip_id"] for c in cs] for v, cs in todo.items()} == {
+        "b": ["b_0001"], "c": ["c_0001"]}
+    assert list(todo) == ["b", "c"]

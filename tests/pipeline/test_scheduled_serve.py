@@ -29,6 +29,8 @@ from pipeline_helpers import (
 )
 from project_helpers import project_env
 
+from preprocessing.shard_index import read_index
+
 pytestmark = pytest.mark.e2e
 
 
@@ -64,7 +66,9 @@ def test_served_pipeline_resumes_a_killed_run_and_picks_up_new_videos(tmp_path):
                            train={"steps": 2, "checkpoint_every": 2, "log_every": 1,
                                   "preview_every": 0, "retrain": "finetune",
                                   # Two workers are tested elsewhere; one starts faster.
-                                  "num_workers": 1})
+                                  "num_workers": 1},
+                           # A batch per video, so the kill below lands between commits.
+                           preprocess={"batch_videos": 1})
     run(["dvc", "remote", "modify", "local", "url", str(tmp_path / "dvc-remote")], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "project"], project)
@@ -101,13 +105,13 @@ def test_served_pipeline_resumes_a_killed_run_and_picks_up_new_videos(tmp_path):
             start_new_session=True)
 
         # Run 1: SIGKILL the flow-run process (the pipeline lock's holder) mid-preprocess.
-        index = project / "data" / "shards" / "index.parquet"
-        wait_for(lambda: index.exists() and len(read_rows(index)) >= 1, 240,
+        shards = project / "data" / "shards"
+        wait_for(lambda: len(read_index(shards)) >= 1, 240,
                  "run 1 to start writing shards", poll_s=0.05, proc=serve)
         lock = json.loads((project / ".durian" / "locks" / "pipeline.lock").read_text())
         assert lock["pid"] != serve.pid  # a run lives in its own process
         os.kill(lock["pid"], signal.SIGKILL)
-        at_kill = len(read_rows(index))
+        at_kill = len(read_index(shards))
         clips = read_rows(project / "data" / "manifest" / "clips.parquet")
         assert at_kill < len(clips) == 12
 
@@ -120,7 +124,7 @@ def test_served_pipeline_resumes_a_killed_run_and_picks_up_new_videos(tmp_path):
         assert first["model_version"] == "1" and "candidate" in first["aliases"]
         assert ("champion" in first["aliases"]) == first["promoted"]  # the rule decides
         champion_before = _registry(project)["champion"]
-        keys = [r["key"] for r in read_rows(index)]
+        keys = [r["key"] for r in read_index(shards)]
         assert sorted(keys) == sorted(c["clip_id"] for c in clips)
         assert sorted(shard_keys(project / "data" / "shards")) == sorted(keys)
         shards_after_first = first["shards"]

@@ -33,6 +33,7 @@ from stop_helpers import Stopped, interrupt
 from durian.data.clip_codec import Clip
 from durian.data.masks import MaskBank
 from preprocessing.incremental import STATE_FILE
+from preprocessing.shard_index import read_index
 from synthetic.sample import sample_videos, sidecar_path, synthetic_clip
 
 pytestmark = pytest.mark.e2e
@@ -184,23 +185,23 @@ def test_ingest_stop_writes_no_manifest_and_rerun_uses_the_cache(tmp_path, api_u
 
 def test_preprocess_stop_or_kill_leaves_listed_whole_shards_and_rerun_continues(tmp_path,
                                                                              api_url):
-    # One video at a time, four clips each: ~0.5 s a video, so the signals land mid-run.
-    project = tiny_project(tmp_path / "project", preprocess={"workers": 1})
+    # One batch of 2 videos at a time, four clips each: ~1 s a batch, so the signals land
+    # mid-run.
+    project = tiny_project(tmp_path / "project", preprocess={"workers": 1, "batch_videos": 2})
     videos = synthetic_videos(project / "data" / "raw", 10, seed=11, n_frames=32, size=96)
     expected = library_manifest(project, videos)  # the ingest flow is tested above
     assert len(expected) == 40
     shards = project / "data" / "shards"
-    index = shards / "index.parquet"
 
     def listed() -> list[str]:
-        return [r["key"] for r in read_rows(index)] if index.exists() else []
+        return [r["key"] for r in read_index(shards)]
 
     def check_consistent(stopped: Stopped) -> list[str]:
         keys = listed()
         assert hidden_files(shards) == []  # no .partial shard, no index temporary
         # Every visible shard is listed (none half-written, none unlisted) and holds the keys
         # the index says; the stage said exactly what the index holds.
-        assert {r["shard"] for r in read_rows(index)} == {p.name for p in shards.glob("*.tar")}
+        assert {r["shard"] for r in read_index(shards)} == {p.name for p in shards.glob("*.tar")}
         assert sorted(shard_keys(shards)) == sorted(keys)
         assert len(set(keys)) == len(keys)
         assert first_int(finished(stopped)) == len(keys)
@@ -232,7 +233,7 @@ def test_preprocess_stop_or_kill_leaves_listed_whole_shards_and_rerun_continues(
     keys = listed()
     assert sorted(keys) == expected  # nothing lost, nothing twice
     assert sorted(shard_keys(shards)) == expected
-    assert {r["shard"] for r in read_rows(index)} == {p.name for p in shards.glob("*.tar")}
+    assert {r["shard"] for r in read_index(shards)} == {p.name for p in shards.glob("*.tar")}
     assert hidden_files(shards) == []
     assert set(at_second) <= set(at_kill) <= set(keys)
 

@@ -159,6 +159,30 @@ def test_tiny_face_is_rejected_as_too_small(analyzer):
 
 
 @needs_models
+def test_tiles_run_only_where_a_face_that_counts_could_hide():
+    """A face so large that half of it is within the whole frame's reach lets a keyframe skip
+    its tiles: a face under half its size (never a second person) then goes unseen — and so
+    do the tiles' false detections. Asking for smaller faces brings the tiles back."""
+    img = astronaut()
+    canvas = np.full((512, 672, 3), 120, np.uint8)
+    canvas[:, :512] = cv2.resize(img[20:260, 118:358], (512, 512), interpolation=cv2.INTER_AREA)
+    canvas[176:336, 512:672] = cv2.resize(img, (160, 160), interpolation=cv2.INTER_AREA)
+    small_centre = np.array([582.0, 212.0])  # the small astronaut's face, ~32 px
+
+    def centres(boxes: np.ndarray) -> np.ndarray:
+        return (boxes[:, :2] + boxes[:, 2:4]) / 2
+
+    with FaceAnalyzer() as default, FaceAnalyzer(small_face_ratio=0.2) as thorough:
+        big = default.detect(canvas)
+        assert len(big) == 1 and big[0, 4] > 0.9, big
+        assert 200 < big[0, 2] - big[0, 0] < 240 and np.all(centres(big)[0] < 512)
+        both = thorough.detect(canvas)
+        assert np.linalg.norm(centres(both) - small_centre, axis=1).min() < 10, both
+        # The analyzer keeps its setting across processes.
+        assert pickle.loads(pickle.dumps(thorough)).small_face_ratio == 0.2
+
+
+@needs_models
 def test_analyzer_pickles_to_a_fresh_usable_copy(analyzer):
     copy = pickle.loads(pickle.dumps(analyzer))
     assert copy is not analyzer and copy.num_faces == analyzer.num_faces

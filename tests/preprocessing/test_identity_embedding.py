@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from project_helpers import ROOT
 
 from durian.data.clip_codec import decode_clip
-from flows.params import PreprocessParams
-from flows.preprocess import identity_setting, process_video
+from flows.params import PreprocessParams, load_params
+from flows.preprocess import identity_setting, process_video, stage_config
 from preprocessing.identity import (
     clip_identity,
     embedder_for,
@@ -24,8 +25,8 @@ def test_a_preprocessed_sample_carries_the_embedding_of_its_named_frame(tmp_path
     videos = generate_sample(tmp_path, n_synthetic=1, n_frames=8, size=128, fps=12, seed=1,
                              real_photos=False)  # fmt: skip
     _, clips = ingest([str(v) for v in videos], fps=12, clip_frames=8, min_clip_frames=6)
-    cfg = {**PreprocessParams(parser_check=False).model_dump(), "max_side": 1024,
-           "val_fraction": 0.0, "seed": 0, "crf": 0}  # fmt: skip
+    cfg = {**stage_config(load_params(ROOT / "params.yaml")), "parser_check": False,
+           "val_fraction": 0.0}  # fmt: skip
     out = process_video(clips, cfg)
     assert not out["rejected"] and len(out["samples"]) == 1
     entry = out["samples"][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pickle
 
 import cv2
 import matplotlib.cbook
@@ -19,7 +20,7 @@ from preprocessing import mp_models
 from preprocessing.crop import ProcessedClip, process_clip
 from preprocessing.faces import ClipRejected, FaceAnalyzer, track_face
 from preprocessing.labels import CLASS, LABELS
-from preprocessing.parsing import LandmarkParser
+from preprocessing.parsing import LandmarkParser, _clean_hair, _ColourModel
 
 needs_models = pytest.mark.skipif(
     not all(v == "ok" for v in mp_models.check().values()),
@@ -203,3 +204,70 @@ def test_ground_truth_path_still_applies_the_face_size_rule():
                      ground_truth={"landmarks": lms[:2], "parsing": parsing}, **KW)  # fmt: skip
     with pytest.raises(ValueError, match="analyzer and a parser"):
         process_clip(frames, parser=None, analyzer=None, **KW)
+
+
+# --- the landmark parser's per-frame work: faster, same labels --------------------------------
+
+
+def clean_hair_by_label_images(labels: np.ndarray, editable: np.ndarray) -> np.ndarray:
+    """``_clean_hair`` as first written: one 5x5 count image per label (the reference)."""
+    hair = (labels == CLASS["hair"]).astype(np.uint8)
+    closed = cv2.morphologyEx(hair, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    labels = np.where((closed > 0) & editable, CLASS["hair"], labels).astype(np.uint8)
+    hair = (labels == CLASS["hair"]).astype(np.uint8)
+    opened = cv2.morphologyEx(hair, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    specks = (hair > 0) & (opened == 0)
+    not_hair = np.where(hair > 0, 255, labels).astype(np.uint8)
+    best = np.zeros(labels.shape, np.int32)
+    best_label = labels.copy()
+    for lab in np.unique(not_hair[not_hair != 255]):
+        count = cv2.boxFilter((not_hair == lab).astype(np.float32), -1, (5, 5), normalize=False)
+        better = count > best
+        best = np.where(better, count, best)
+        best_label = np.where(better, lab, best_label)
+    return np.where(specks, best_label, labels).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clean_hair_fills_specks_like_the_per_label_count(seed):
+    rng = np.random.default_rng(seed)
+    # Blocks of labels with hair specks sprinkled over them (some on the border, some in a
+    # hair-only neighbourhood), so ties, mirrored borders and all-hair windows all occur.
+    blocks = rng.choice([0, 1, 2, 13, 14, 16, 17, 18], (12, 16))
+    labels = np.kron(blocks, np.ones((6, 6), np.int64)).astype(np.uint8)
+    labels[rng.random(labels.shape) < 0.04] = CLASS["hair"]
+    labels[:5, :5] = CLASS["hair"]
+    labels[2, 2] = 1
+    editable = rng.random(labels.shape) < 0.5
+    got = _clean_hair(labels, editable)
+    assert np.array_equal(got, clean_hair_by_label_images(labels, editable))
+    assert (got != labels).any()  # the case did exercise the fill
+
+
+def test_colour_distance_is_the_weighted_distance_in_stds():
+    rng = np.random.default_rng(0)
+    model = _ColourModel(rng.normal([60, 10, 20], [8, 4, 5], (500, 3)).astype(np.float32))
+    lab = rng.uniform([0, -60, -60], [100, 60, 60], (32, 48, 3)).astype(np.float32)
+    exact = np.sqrt((((lab - model.mean) / model.std * model.weight) ** 2).sum(-1))
+    got = model.distance(lab)
+    assert got.shape == (32, 48) and got.dtype == np.float32
+    assert np.allclose(got, exact, rtol=1e-5, atol=1e-4)
+
+
+@needs_models
+def test_person_masks_segment_keyframes_and_blend_between(tools):
+    _, parser = tools
+    frames = np.stack([cv2.resize(f, (128, 128)) for f in moving_astronaut(7)])
+    masks = parser.person_masks(frames)  # the default: every frame
+    assert masks.shape == (7, 128, 128) and masks.dtype == np.float32
+    assert all(np.array_equal(masks[i], parser.person_mask(frames[i])) for i in range(7))
+    with LandmarkParser(segment_every=3) as sparse:
+        assert sparse.version == parser.version + "+every3"
+        assert pickle.loads(pickle.dumps(sparse)).segment_every == 3
+        blended = sparse.person_masks(frames)
+    # Keyframes 0, 3, 6 are the model's own masks; frame 4 is 2/3 of frame 3's and 1/3 of 6's.
+    for k in (0, 3, 6):
+        assert np.array_equal(blended[k], masks[k])
+    assert np.allclose(blended[4], masks[3] * 2 / 3 + masks[6] / 3, atol=1e-5)
+    with pytest.raises(ValueError, match="segment_every"):
+        LandmarkParser(segment_every=0)

@@ -1,4 +1,4 @@
-"""Split assignment, shard writing (rollover, append, crash safety) and the shard index."""
+"""Split assignment and shard writing (rollover, append, parts, crash safety)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,16 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
 from durian.data.clip_codec import Clip, decode_clip, encode_clip
 from preprocessing.shards import (
-    INDEX_SCHEMA,
     ShardWriter,
     assign_split,
     clean_partial_shards,
     list_shards,
     next_shard_index,
-    read_index,
-    write_index,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,18 +169,19 @@ def test_bad_samples_rejected(tmp_path: Path) -> None:
     assert list_shards(tmp_path) == []
 
 
-def test_index_round_trip_with_extra_columns(tmp_path: Path) -> None:
-    with ShardWriter(tmp_path / "shards", max_count=2) as w:
-        for i in range(3):
-            w.write(sample(f"vid_{i:04d}"), identity=f"id{i % 2}", quality=0.5 * i)
-    path = write_index(w.records, tmp_path / "shards" / "index.parquet")
-    rows = read_index(path)
-    assert rows == w.records
-    schema = pq.read_schema(path)
-    assert schema.names == INDEX_SCHEMA.names + ["identity", "quality"]
-    assert rows[2]["shard"] == "train-000001.tar" and rows[2]["clip_index"] == 2
-    empty = write_index([], tmp_path / "empty.parquet")
-    assert pq.read_table(empty).schema.equals(INDEX_SCHEMA) and read_index(empty) == []
-    with pytest.raises(ValueError, match="duplicate keys"):
-        write_index(w.records + w.records[:1], tmp_path / "dup.parquet")
-    assert not (tmp_path / "dup.parquet").exists()
+def test_parts_number_their_shards_apart(tmp_path: Path) -> None:
+    """Writers of different parts share a folder; each part numbers its own shards."""
+    with ShardWriter(tmp_path, max_count=1, part="pa1") as a, \
+            ShardWriter(tmp_path, max_count=1, part="pb2") as b:
+        for i in range(2):
+            a.write(sample(f"a_{i:04d}"))
+            b.write(sample(f"b_{i:04d}"))
+    assert [Path(s).name for s in list_shards(tmp_path)] == [
+        "train-pa1-000000.tar", "train-pa1-000001.tar",
+        "train-pb2-000000.tar", "train-pb2-000001.tar"]
+    assert [Path(s).name for s in list_shards(tmp_path, part="pb2")] == [
+        "train-pb2-000000.tar", "train-pb2-000001.tar"]
+    assert next_shard_index(tmp_path, "train", "pa1") == 2
+    assert next_shard_index(tmp_path, "train") == 0  # no part-less shard yet
+    with pytest.raises(ValueError, match="lower-case"):
+        ShardWriter(tmp_path, part="Bad-Part")

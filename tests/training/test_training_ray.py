@@ -1,5 +1,6 @@
-"""Ray Train on a real local cluster (2 CPU workers, gloo) over real shards: the train flow with
-its MLflow logging and mask bank, and a worker SIGKILLed mid-run (absorbed by FailureConfig).
+"""Ray Train on a real two-node cluster on 127.0.0.1 (two ``ray start``s, 1 CPU each: one worker
+per node, gloo) over real shards: the train flow with its MLflow logging and mask bank, run on
+both nodes, and a worker SIGKILLed mid-run (absorbed by FailureConfig).
 Every run here has the same run-defining params, so all must end with the same weights as the
 uninterrupted one. (The driver stopped or SIGKILLed, and the rerun resuming at the saved step:
 tests/pipeline/test_stop_late_stages.py.)
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +24,9 @@ import torch
 import yaml
 from project_helpers import ROOT
 from safetensors.torch import load_file
-from training_helpers import (
-    ray_node_processes,
-    shutdown_ray,
-    wait_for,
-    write_train_shards,
-)
+from training_helpers import shutdown_ray, wait_for, write_train_shards
+
+from flows.local_cluster import cluster_processes, two_node_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -37,9 +36,9 @@ TRAIN = {"steps": STEPS, "checkpoint_every": EVERY, "keep_checkpoints": 2, "log_
          "max_failures": 1, "batch_size": 1, "grad_accum": 2}  # fmt: skip
 
 
-def _write_project(project: Path, bank: Path | None = None) -> None:
+def _write_project(project: Path, address: str, bank: Path | None = None) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(TRAIN)
+    params["train"].update(TRAIN, ray_address=address)
     params["pair"]["min_gap"] = 2
     project.mkdir(parents=True, exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -67,10 +66,22 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, prefect_engine) -> Iterator[dict]:
+def cluster() -> Iterator[tuple[str, Path]]:
+    """(address, state folder) of a two-node cluster (short path: Ray's socket names)."""
+    state = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+    try:
+        with two_node_cluster(state, dict(os.environ)) as address:
+            yield address, state
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, prefect_engine, cluster
+              ) -> Iterator[dict]:
     """One uninterrupted run of the train flow (after the mask-bank flow), in-process."""
     project = tmp_path_factory.mktemp("reference") / "project"
-    _write_project(project)
+    _write_project(project, cluster[0])
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
         mp.setenv("DURIAN_PROJECT_DIR", str(project))
@@ -84,7 +95,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, prefect_engine) -> Itera
             bank = mask_bank_flow()
             summary = train_flow()
             yield {"project": project, "bank": bank, "summary": summary,
-                   "weights": _final_weights(summary["checkpoint"])}  # fmt: skip
+                   "weights": _final_weights(summary["checkpoint"]),
+                   "cluster": cluster[1]}  # fmt: skip
         finally:
             shutdown_ray()
 
@@ -95,7 +107,12 @@ def test_train_flow_on_two_ray_workers_logs_from_rank_zero(reference: dict) -> N
     from durian.pipelines.pipeline_durian import DurianPipeline
 
     project, summary = reference["project"], reference["summary"]
+    import ray
+
     assert summary["steps"] == STEPS and summary["start_step"] == 0
+    # One worker on each node of the cluster (its node ids, gathered by the workers).
+    assert set(summary["nodes"]) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(summary["nodes"]) == 2
     assert summary["ray_run_name"].startswith("train-s1-")
     assert reference["bank"]["counts"] == {"hair": 12, "glasses": 12}  # 6 clips x 2 frames
     info = json.loads((project / "models" / "train.json").read_text())
@@ -124,9 +141,9 @@ def test_train_flow_on_two_ray_workers_logs_from_rank_zero(reference: dict) -> N
     assert previews == ["previews/step_0000003.png", "previews/step_0000006.png"]
 
 
-def _train_workers() -> list[psutil.Process]:
+def _train_workers(cluster: Path) -> list[psutil.Process]:
     found = []
-    for p in ray_node_processes():
+    for p in cluster_processes(cluster):
         try:
             if "RayTrainWorker" in " ".join(p.cmdline()):
                 found.append(p)
@@ -155,7 +172,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     def kill_a_worker_after_the_first_checkpoint() -> None:
         if not wait_for(lambda: (_latest_step(storage / name) or 0) >= EVERY, timeout=300):
             return
-        workers = _train_workers()
+        workers = _train_workers(reference["cluster"])
         if workers:
             killed["step"] = _latest_step(storage / name)
             killed["pid"] = workers[-1].pid
