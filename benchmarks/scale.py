@@ -6,7 +6,7 @@ never asserts.
     python benchmarks/scale.py --cluster           # preprocess on a 2-node Ray cluster
 
 Videos: half synthetic portraits from the generator, half the animated real photographs (one
-motion per seed), 12 frames at 96 px (one clip each); every one goes through the detector,
+motion per seed), 8 frames at 96 px (one clip each); every one goes through the detector,
 landmarker, parser and identity embedder (exact labels are not trusted here). Each N runs in a
 fresh project folder, each stage as its own process (``python -m flows.<stage>``) reporting to
 one Prefect server, as a scheduled deployment would. Per N it prints the seconds per stage and
@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.local_cluster import two_node_cluster  # noqa: E402
+from preprocessing.mp_models import models_dir  # noqa: E402
 from preprocessing.video import write_video  # noqa: E402
 from synthetic.sample import REAL_PHOTOS, generate_sample, real_clip  # noqa: E402
 
-FRAMES, SIZE, FPS = 12, 96, 12
+FRAMES, SIZE, FPS = 8, 96, 12
 # Variables naming another project's state: each run gets its own.
 STATE_VARS = ("DURIAN_PROJECT_DIR", "DURIAN_PARAMS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL",
               "PREFECT_HOME", "RAY_ADDRESS")
@@ -88,11 +90,12 @@ def project(dest: Path, videos: list[Path], overrides: dict) -> Path:
 
 
 class PeakRss:
-    """Peak RSS of a process and, separately, of all its descendants together (polled)."""
+    """Peak RSS of a process and, separately, of its descendants and the processes ``extra()``
+    lists (Ray's workers, which are not its children), all together; polled every 0.2 s."""
 
-    def __init__(self, pid: int, extra: list[psutil.Process] | None = None) -> None:
+    def __init__(self, pid: int, extra: Callable[[], list[psutil.Process]]) -> None:
         self.proc = psutil.Process(pid)
-        self.extra = extra or []
+        self.extra = extra
         self.driver = self.children = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -102,7 +105,8 @@ class PeakRss:
         while not self._stop.is_set():
             try:
                 self.driver = max(self.driver, self.proc.memory_info().rss)
-                kids = self.proc.children(recursive=True) + self.extra
+                kids = {p.pid: p for p in self.proc.children(recursive=True) + self.extra()}
+                kids = list(kids.values())
                 total = 0
                 for k in kids:
                     try:
@@ -119,8 +123,8 @@ class PeakRss:
         self._thread.join()
 
 
-def run_stage(stage: str, cwd: Path, env: dict[str, str], workers: list[psutil.Process]
-              ) -> tuple[float, int, int]:
+def run_stage(stage: str, cwd: Path, env: dict[str, str],
+              workers: Callable[[], list[psutil.Process]]) -> tuple[float, int, int]:
     """(seconds, driver peak RSS, children's peak RSS) of ``python -m flows.<stage>``."""
     log = open(cwd / f"{stage}.log", "wb")  # noqa: SIM115
     t0 = time.perf_counter()
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="ds", dir="/tmp"))  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if k not in STATE_VARS}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Every node reads the mediapipe models from one folder (a cluster's shared disk).
+    env["DURIAN_MODELS_DIR"] = str(models_dir())
     (work / "prefect").mkdir()
     server, api = prefect_server(work / "prefect", env)
     env["PREFECT_API_URL"] = api
@@ -219,11 +225,17 @@ def one_size(n: int, videos: list[Path], work: Path, env: dict[str, str],
         "train": {"ray_address": address},
     })
     stage_env = env | {"DURIAN_PROJECT_DIR": str(root)}
-    workers_of = (lambda: [p for p in psutil.process_iter()
-                           if p.name().startswith("ray::")]) if address else (lambda: [])
+    def ray_workers() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["name"]):
+            if (proc.info["name"] or "").startswith("ray::"):
+                found.append(proc)
+        return found
+
     row: dict = {"videos": n}
     for stage in ("ingest", "preprocess", "mask_bank"):
-        wall, driver, children = run_stage(stage, root, stage_env, workers_of())
+        wall, driver, children = run_stage(stage, root, stage_env,
+                                           ray_workers if address else list)
         row[f"{stage}_s"] = round(wall, 1)
         row[f"{stage}_driver_mib"] = round(driver / 2**20)
         row[f"{stage}_children_mib"] = round(children / 2**20)
@@ -246,7 +258,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     where = "2-node Ray cluster" if args.cluster else f"local runner, {args.workers} workers"
     print(f"\n{where}; batches of {args.batch_videos} videos; {FRAMES} frames at {SIZE} px\n")
     print("| videos | ingest s | preprocess s | mask bank s | total s | s/video | "
-          "driver peak MiB (pre) | children peak MiB (pre) | outside batches | samples | "
+          "driver peak MiB (pre) | workers peak MiB (pre) | outside batches | samples | "
           "rejected | shards | MiB |")
     print("|" + "---|" * 13)
     for r in rows:

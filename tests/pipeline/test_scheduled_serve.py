@@ -100,7 +100,7 @@ def test_served_pipeline_resumes_a_killed_run_and_picks_up_new_videos(tmp_path):
         wait_for(healthy, 120, "the Prefect server", proc=server)
         serve_log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
         serve = subprocess.Popen(
-            ["python", "-m", "flows.serve", "serve", "--interval", "20"], cwd=project,
+            ["python", "-m", "flows.serve", "serve", "--interval", "10"], cwd=project,
             env=env | {"PREFECT_API_URL": api}, stdout=serve_log, stderr=subprocess.STDOUT,
             start_new_session=True)
 

@@ -85,7 +85,7 @@ RUN = textwrap.dedent(
 )
 
 
-def _run(folder: Path, until: Callable[[], bool] | None, delay: float = 0.2) -> str:
+def _run(folder: Path, until: Callable[[], bool] | None, delay: float = 0.12) -> str:
     """Run the miniature pipeline; SIGKILL it as soon as ``until()`` holds (None: to the end)."""
     script = RUN.format(root=str(ROOT), tests=str(Path(__file__).parent), folder=str(folder),
                         delay=delay)
