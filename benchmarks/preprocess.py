@@ -91,6 +91,7 @@ def chain_parser():
 
 def steps(videos: list[Path], out: Path) -> dict[str, tuple[int, float, float]]:
     """{step: (frames, wall seconds, cpu seconds)} in one process."""
+    preset = chain_config()["preset"]
     totals = {k: [0, 0.0, 0.0] for k in ("decode", "detect", "landmarks", "parse", "encode+write")}
 
     def add(step: str, n: int, clock: Clock) -> None:
@@ -125,7 +126,7 @@ def steps(videos: list[Path], out: Path) -> dict[str, tuple[int, float, float]]:
             add("parse", n, c)
             with Clock() as c:
                 sample = encode_clip(f"bench_{i:04d}", Clip(crops, labels, lms, {"num_frames": n}),
-                                     preset=chain_config()["preset"])
+                                     preset=preset)
                 writer.write(sample)
             add("encode+write", n, c)
     return {k: (int(v[0]), v[1], v[2]) for k, v in totals.items()}

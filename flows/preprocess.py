@@ -53,16 +53,12 @@ from prefect.cache_policies import NO_CACHE
 
 import durian.data.clip_codec as clip_lib
 import durian.data.masks as masks_lib
-import preprocessing.beard as beard_lib
-import preprocessing.bisenet as bisenet_lib
 import preprocessing.crop as process_lib
 import preprocessing.faces as faces_lib
 import preprocessing.identity as identity_lib
 import preprocessing.parsing as parsing_lib
-import preprocessing.segformer as segformer_lib
 import preprocessing.shard_index as shard_index_lib
 import preprocessing.shards as shards_lib
-import preprocessing.torch_parser as torch_parser_lib
 import preprocessing.video as video_lib
 from durian.data.clip_codec import Clip, encode_clip
 from durian.data.masks import category_fractions
@@ -98,10 +94,12 @@ NOT_IN_FINGERPRINT = frozenset(
     {"runner", "workers", "retries", "ray_address", "incremental", "parser_check",
      "batch_videos"}
 )
+# The trained parsers' modules by path: importing them would load torch into every driver.
+_PARSERS = Path(parsing_lib.__file__).parent
 CODE = [clip_lib.__file__, masks_lib.__file__, faces_lib.__file__, parsing_lib.__file__,
         process_lib.__file__, video_lib.__file__, shards_lib.__file__, identity_lib.__file__,
-        shard_index_lib.__file__, beard_lib.__file__, bisenet_lib.__file__,
-        segformer_lib.__file__, torch_parser_lib.__file__]
+        shard_index_lib.__file__,
+        *(str(_PARSERS / f"{m}.py") for m in ("beard", "bisenet", "segformer", "torch_parser"))]
 
 
 def ground_truth_for(video: str, source_indices: np.ndarray, shape: tuple[int, int]):
