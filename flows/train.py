@@ -394,7 +394,6 @@ def with_finetune_start(params: Params) -> Params:
 
 @flow(name="train")
 def train_flow() -> dict[str, Any]:
-    from durian.training.loop import export_checkpoint
     from preprocessing.shard_index import committed_shards
 
     log = get_run_logger()
@@ -426,6 +425,10 @@ def train_flow() -> dict[str, Any]:
             raise RuntimeError(f"training failed: {result.error}") from result.error
         if result.checkpoint is None:
             raise RuntimeError("training produced no checkpoint")
+        # The model code (diffusers, ~3 s to import) loads in the workers; the driver needs it
+        # only now, to export, so a stopped run never pays for it.
+        from durian.training.loop import export_checkpoint
+
         with result.checkpoint.as_directory() as directory:
             info = publish_model(lambda out: export_checkpoint(directory, recipe, out), p.model)
         report_progress(f"{checkpoint_progress(p.checkpoints / name, params.train.steps)}, "

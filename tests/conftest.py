@@ -12,6 +12,11 @@ import pytest
 
 # Before anything imports Prefect: its home (and ephemeral database) outside the checkout.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="durian-tests-prefect-"))
+# Ray Train's controller collects a worker's checkpoint report at its poll, every 2 s by
+# default, and the worker's next report waits for it (a queue of one): the tests' runs of a
+# few fast steps spent most of their training time waiting. Inherited by the subprocesses
+# and Ray nodes the tests start; Ray Train passes it on to its controller and workers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from project_helpers import ROOT
 

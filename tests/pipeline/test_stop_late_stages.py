@@ -35,8 +35,10 @@ from training_helpers import write_train_shards  # noqa: E402
 
 from flows.ray_adapter import latest_reported_step, recorded_checkpoints  # noqa: E402
 
-TRAIN = {"steps": 8, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
-         "preview_every": 0, "num_workers": 2, "cpus_per_worker": 1,
+# One Ray worker: two start ~4 s slower, and tests/training/test_training_ray.py trains on
+# two (one killed). 10 steps leave the SIGKILL below room before the last checkpoint.
+TRAIN = {"steps": 10, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
+         "preview_every": 0, "num_workers": 1, "cpus_per_worker": 1,
          "max_failures": 1, "batch_size": 1}  # fmt: skip
 EVALUATE = {"num_cases": 1, "cross_identity_cases": 1, "steps": 1, "frames": 2,
             "identity": "none", "videos": False}  # fmt: skip
