@@ -428,6 +428,23 @@ def markdown(report: dict[str, Any], gpus: int, resolution: int, unit: str = "Gi
     return "\n".join(lines) + "\n"
 
 
+def inference_weights(config: dict[str, Any], dtype: torch.dtype) -> dict[str, int]:
+    """Weight bytes on the GPU at inference (every floating tensor in ``dtype``, as
+    ``load_durian_pipeline`` loads on CUDA): ``placed`` (the whole model, temporal module
+    included) and, with ``--cpu-offload``, each phase's parts
+    (:meth:`DurianModel.offload_groups`)."""
+    with torch.device("meta"):
+        model = DurianModel(**stage_config(config, 2))
+
+    def size(modules: list[torch.nn.Module]) -> int:
+        tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+        return sum(t.numel() * (torch.finfo(dtype).bits // 8 if t.is_floating_point()
+                                else t.element_size()) for t in tensors.values())  # fmt: skip
+
+    return {"placed": size([model]),
+            **{phase: size(parts) for phase, parts in model.offload_groups().items()}}  # fmt: skip
+
+
 def run(
     tiny: bool = False, resolution: int | None = None, batch1: int = 4, batch2: int = 4,
     frames: int = 24, gpus: int = 8, mixed_precision: str = "fp16",
@@ -447,6 +464,7 @@ def run(
             stage_report(config, 1, batch1, 1, gpus, dtype),
             stage_report(config, 2, batch2, frames, gpus, dtype),
         ],
+        "inference_weights": inference_weights(config, dtype),
     }
 
 
@@ -469,6 +487,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for stage in report["stages"]:
         print(markdown(stage, args.gpus, report["resolution"], "MiB" if args.tiny else "GiB"))
+    unit, scale = ("MiB", 2**20) if args.tiny else ("GiB", 2**30)
+    w = {k: f"{v / scale:.2f}" for k, v in report["inference_weights"].items()}
+    print(
+        f"Inference weights on the GPU ({unit}, {args.mixed_precision}): {w['placed']} placed; "
+        f"with --cpu-offload {w['references']} while the references are encoded, "
+        f"{w['denoise']} in the denoising loop, {w['decode']} while decoding."
+    )
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -3,7 +3,8 @@
     durian animate --portrait P --attribute IMG[:category] [--attribute …]
                    [--alpha A | --alpha-ramp] --driving VIDEO|preset --out OUT.mp4
                    [--model models:/durian@champion | PATH] [--frames N] [--steps S]
-                   [--guidance G] [--seed K] [--device auto|cpu|cuda] [--side-by-side]
+                   [--guidance G] [--seed K] [--device auto|cpu|cuda] [--cpu-offload]
+                   [--side-by-side]
                    [--parser landmarks|bisenet|segformer] [--parser-weights FILE|DIR]
 
 The model is a local folder (a saved pipeline, an older ``DurianModel.save_pretrained`` folder,
@@ -24,16 +25,16 @@ from typing import Any
 DEFAULT_MODEL = "models:/durian@champion"
 
 
-def load_pipeline(spec: str, device: str = "auto") -> Any:
+def load_pipeline(spec: str, device: str = "auto", cpu_offload: bool = False) -> Any:
     """A ready :class:`DurianPipeline` for ``--model`` ``spec`` (a folder or a ``models:/`` URI)
     on ``device`` (:func:`~durian.pipelines.pipeline_durian.load_durian_pipeline`)."""
     from durian.pipelines.pipeline_durian import load_durian_pipeline, pick_device
     from flows.model_store import not_found, resolve_model
 
-    device = pick_device(device)  # a bad --device is the user's error, before any download
+    device = pick_device(device, cpu_offload)  # the user's error, before any download
     folder = resolve_model(spec)
     try:
-        return load_durian_pipeline(folder, device)
+        return load_durian_pipeline(folder, device, cpu_offload=cpu_offload)
     except (OSError, ValueError, KeyError, TypeError) as err:
         msg = " ".join(str(err).split())[:200]
         raise not_found(spec, f"cannot load it: {type(err).__name__}: {msg}") from None
@@ -97,6 +98,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--cpu-offload`` (``durian animate`` and ``durian app``)."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="keep the weights on the CPU and move each phase's parts to the GPU (less GPU "
+        "memory, slower)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--portrait", required=True, metavar="P", help="portrait image")
     parser.add_argument(
@@ -127,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_positive_int, default=25, metavar="S")
     parser.add_argument("--guidance", type=float, default=3.5, metavar="G")
     parser.add_argument("--seed", type=int, default=0, metavar="K")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_arguments(parser)
     parser.add_argument(
         "--arcface-model", metavar="ONNX",
         help="ArcFace ONNX file, for a model trained on ArcFace identity embeddings",
@@ -183,7 +195,7 @@ def run(args: argparse.Namespace) -> Path:
     parser = face_parser(args.parser, args.parser_weights, args.device)
     if note := parser_note(parser):
         print(f"note: {note}", file=sys.stderr)
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, cpu_offload=args.cpu_offload)
     size = int(pipe.model.config.resolution)
     with Preparer(size, parser=parser, arcface_model=args.arcface_model) as preparer:
         result = animate(

@@ -1,7 +1,7 @@
 """``durian app``: the animate command as a web page (Gradio), on 127.0.0.1 by default.
 
     durian app [--model models:/durian@champion | PATH] [--host 127.0.0.1] [--port 7860]
-               [--device auto|cpu|cuda] [--parser landmarks|bisenet|segformer]
+               [--device auto|cpu|cuda] [--cpu-offload] [--parser landmarks|bisenet|segformer]
                [--parser-weights FILE|DIR]
 
 The page takes a portrait (upload or webcam still), up to four attribute images each with a
@@ -229,7 +229,7 @@ def launch(demo: Any, host: str = "127.0.0.1", port: int | None = None, **kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from flows.animate import DEFAULT_MODEL, add_parser_arguments
+    from flows.animate import DEFAULT_MODEL, add_device_arguments, add_parser_arguments
 
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="URI|PATH",
@@ -237,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default local)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_arguments(parser)
     add_parser_arguments(parser)
     parser.set_defaults(func=cmd_app)
     return parser
@@ -264,7 +264,7 @@ def cmd_app(args: argparse.Namespace) -> int:
         return 1
     try:
         parser = face_parser(args.parser, args.parser_weights, args.device)
-        pipe = load_pipeline(args.model, args.device)
+        pipe = load_pipeline(args.model, args.device, cpu_offload=args.cpu_offload)
     except (DurianInputError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -372,6 +372,21 @@ class DurianModel(ModelMixin, ConfigMixin):
         """ARNet and PRNet (one net with ``shared_reference_net``)."""
         return [n for n in (self.arnet, self.prnet) if n is not None]
 
+    def offload_groups(self) -> dict[str, list[nn.Module]]:
+        """The parts each inference phase runs, by phase: ``references`` (encode_references:
+        VAE encoder, image encoder, identity projector, ARNet, PRNet), ``denoise`` (DNet, the
+        keypoint guider, the temporal module) and ``decode`` (the VAE). With model CPU offload
+        only one phase's parts are on the accelerator: the reference nets, two of the three
+        U-Nets, are back on the CPU for the whole denoising loop."""
+        vae = [self.vae] if self.vae is not None else []
+        temporal = [self.temporal] if self.temporal is not None else []
+        return {
+            "references": [*vae, self.image_encoder, self.identity_projector,
+                           *self.reference_nets],
+            "denoise": [self.dnet, self.keypoint_guider, *temporal],
+            "decode": vae,
+        }  # fmt: skip
+
     def _install_processors(self) -> None:
         names = list(self.dnet.attn_processors)
         self.reference_names = self_attention_names(names)

@@ -183,6 +183,50 @@ class DurianPipeline(DiffusionPipeline):
             image_encoder=frozen.get("image_encoder"),
             scheduler=scheduler,
         )
+        self._offload_to: torch.device | None = None  # see enable_model_cpu_offload
+
+    def enable_model_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """diffusers' model CPU offload, by inference phase: the weights stay on the CPU and
+        each phase moves only its own parts to ``device`` (default ``cuda:<gpu_id>``), the
+        others back (:meth:`DurianModel.offload_groups`). diffusers' version hooks each
+        component's ``forward``, which this pipeline never calls (it calls the model's phases),
+        and would leave the model on the CPU. The denoising loop then holds DNet, the keypoint
+        guider and the temporal module, not the reference nets, the VAE or the image encoder
+        (``python benchmarks/memory.py`` prints the bytes). ``pipe.to(device)`` ends it."""
+        if device is None:
+            if not torch.cuda.is_available():
+                raise RuntimeError("model CPU offload needs an accelerator, and none is here")
+            device = "cuda"
+        target = torch.device(device)
+        if gpu_id is not None or (target.type == "cuda" and target.index is None):
+            target = torch.device(target.type, gpu_id or 0)
+        self.remove_all_hooks()  # accelerate's, had diffusers' offload been enabled
+        self.to("cpu")
+        self._offload_to = target
+
+    def to(self, *args: Any, **kwargs: Any) -> DurianPipeline:
+        self._offload_to = None  # placed by hand: no offload from here on
+        return super().to(*args, **kwargs)
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self._offload_to if self._offload_to is not None else super()._execution_device
+
+    def _onload(self, phase: str | None) -> None:
+        """With offload on: ``phase``'s parts on the accelerator and every other part on the
+        CPU (``None``: all on the CPU). Off first, then on, so the peak is one phase's."""
+        if self._offload_to is None:
+            return
+        groups = self.model.offload_groups()
+        parts = {id(m): m for modules in groups.values() for m in modules}
+        wanted = {id(m) for m in groups.get(phase, [])} if phase else set()
+        for key, module in parts.items():
+            if key not in wanted:
+                module.to("cpu")
+        for key in wanted:
+            parts[key].to(self._offload_to)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """diffusers' layout, the frozen components in their own folders and not in ``model/``
@@ -281,6 +325,7 @@ class DurianPipeline(DiffusionPipeline):
             branches_m.append(m2)
         if identity_embedding is not None:
             identity_embedding = identity_embedding.reshape(1, -1).to(device, dtype)
+        self._onload("references")
         refs = model.encode_references(
             id_img[:, 0], id_mask[:, 0], branches_i, branches_m, identity_embedding
         )
@@ -320,6 +365,7 @@ class DurianPipeline(DiffusionPipeline):
         step_kwargs = self._step_kwargs(generator, eta)
 
         kept: dict[tuple[int, int], torch.Tensor] = {}
+        self._onload("denoise")
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
             for t in self.scheduler.timesteps:
                 eps_sum = torch.zeros_like(latents)
@@ -358,6 +404,7 @@ class DurianPipeline(DiffusionPipeline):
         if output_type == "latent":
             frames = latents
         else:
+            self._onload("decode")
             chunks = [
                 model.decode_latents(latents[i : i + decode_chunk_size])  # VAE slicing
                 for i in range(0, num_frames, decode_chunk_size)
@@ -367,6 +414,7 @@ class DurianPipeline(DiffusionPipeline):
                 frames = (frames.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
             elif output_type != "pt":
                 raise ValueError(f"output_type must be np, pt or latent, got {output_type!r}")
+        self._onload(None)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
@@ -385,23 +433,36 @@ def save_durian_pipeline(
     return Path(folder)
 
 
-def pick_device(name: str = "auto") -> str:
-    """``auto``: CUDA when there is a GPU, else the CPU; ``cuda`` without one is a user error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        from durian.inference.errors import DurianInputError
+def pick_device(name: str = "auto", cpu_offload: bool = False) -> str:
+    """``auto``: CUDA when there is a GPU, else the CPU; ``cuda`` without one, or CPU offload
+    without a GPU to offload from, is a user error."""
+    from durian.inference.errors import DurianInputError
 
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
         raise DurianInputError("--device cuda asked for, but CUDA is not available here")
+    if cpu_offload and name != "cuda":
+        raise DurianInputError(
+            "--cpu-offload keeps the weights on the CPU for a GPU: it needs CUDA, and the "
+            "device here is the CPU"
+        )
     return name
 
 
-def load_durian_pipeline(folder: str | os.PathLike, device: str = "auto") -> DurianPipeline:
+def load_durian_pipeline(
+    folder: str | os.PathLike, device: str = "auto", cpu_offload: bool = False
+) -> DurianPipeline:
     """The one loader of a trained model for inference (``durian animate``, the app,
     evaluation, the registered MLflow model): the folder's pipeline on ``device`` (``auto``: the
-    GPU when there is one) in eval mode, loaded in half precision on CUDA (fp32 on the CPU)."""
-    device = pick_device(device)
+    GPU when there is one) in eval mode, loaded in half precision on CUDA (fp32 on the CPU).
+    ``cpu_offload``: the weights stay on the CPU and each phase moves its parts to the GPU
+    (:meth:`DurianPipeline.enable_model_cpu_offload`)."""
+    device = pick_device(device, cpu_offload)
     dtype = torch.float16 if device == "cuda" else None
     pipe = DurianPipeline.from_pretrained(folder, torch_dtype=dtype)
     pipe.model.eval()
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)

@@ -115,6 +115,10 @@ ERROR_CASES = {
         "model cannot be found in the registry or on disk",
     ),
     "out not mp4": ({"out": "out.avi"}, "--out must name an .mp4 file"),
+    "offload without a GPU": (
+        {"cpu-offload": "", "device": "cpu"},
+        "--cpu-offload keeps the weights on the CPU for a GPU: it needs CUDA",
+    ),
 }
 
 

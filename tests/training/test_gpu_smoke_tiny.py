@@ -24,8 +24,8 @@ def test_gpu_smoke_tiny_runs_every_phase(tmp_path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     listed = json.loads(rows_path.read_text())
-    assert [r["status"] for r in listed] == ["ok"] * 5, listed
-    written, stage1, stage2, resume, inference = listed
+    assert [r["status"] for r in listed] == ["ok"] * 6, listed
+    written, stage1, stage2, resume, inference, offloaded = listed
     rows = {"stage 1": stage1, "stage 2": stage2, "inference": inference}
     assert rows["stage 1"]["motion_module_loaded"] is False
     assert rows["stage 1"]["finite"] and rows["stage 2"]["finite"]
@@ -36,6 +36,7 @@ def test_gpu_smoke_tiny_runs_every_phase(tmp_path) -> None:
     assert resume["weights_restored"] and resume["optimizer_state_on_device"]
     assert resume["resumed_at_step"] == 2
     assert rows["inference"]["output"] == [4, 64, 64, 3]
+    assert offloaded["same_frames_as_placed"] and offloaded["output"] == [4, 64, 64, 3]
     # The checkpoint holds what stage 2 changes, not the frozen U-Nets, VAE and CLIP.
     ckpt = tmp_path / "w" / "checkpoint" / "model.safetensors"
     from safetensors import safe_open
