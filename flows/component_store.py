@@ -18,6 +18,7 @@ from pathlib import Path
 
 from durian.pipelines.components import FROZEN_RECORD, folder_digest
 from flows.mlflow_adapter import client, experiment_id
+from flows.stop import is_stop
 
 FROZEN_NAMES = ("vae", "image_encoder")
 DIGEST_TAG = "durian.component_sha256"
@@ -53,8 +54,9 @@ def stored_component(name: str, path: Path) -> dict[str, str]:
                        tags={DIGEST_TAG: sha256, "durian.component": name})  # fmt: skip
     try:
         c.log_artifacts(run.info.run_id, str(path), artifact_path=name)
-    except BaseException:
-        c.set_terminated(run.info.run_id, "FAILED")
+    except BaseException as err:
+        # KILLED for a stop, as the stages' own runs end; FAILED for an error.
+        c.set_terminated(run.info.run_id, "KILLED" if is_stop(err) else "FAILED")
         raise
     c.set_terminated(run.info.run_id, "FINISHED")
     return {"uri": f"runs:/{run.info.run_id}/{name}", "sha256": sha256}
